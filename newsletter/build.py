@@ -1,0 +1,75 @@
+"""The check and build commands as plain functions: paths in, problems and files out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config
+from .errors import IssueError, Problem
+from .reader import load_issue
+from .render import Rendered, Renderer, size_problems
+from .writer import write_issue
+
+ISSUE_SUFFIXES = (".yaml", ".yml")
+
+
+def expand_paths(paths: list[str | Path]) -> list[Path]:
+    """Files as given; a folder stands for the issue files directly inside it."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(sorted(f for f in p.iterdir() if f.suffix in ISSUE_SUFFIXES and f.is_file()))
+        else:
+            found.append(p)
+    return found
+
+
+@dataclass
+class CheckReport:
+    files: list[Path]
+    problems: list[Problem] = field(default_factory=list)
+    rendered: list[Rendered] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.is_error]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if not p.is_error]
+
+    def failed(self, strict: bool = False) -> bool:
+        return bool(self.errors or (strict and self.warnings))
+
+
+def check_paths(paths: list[str | Path], config: Config) -> CheckReport:
+    """Read, check and render every file; report every problem in every file."""
+    report = CheckReport(expand_paths(paths))
+    renderer = None
+    for path in report.files:
+        result = load_issue(path)
+        report.problems.extend(result.problems)
+        if result.issue is None:
+            continue
+        renderer = renderer or Renderer(config)
+        rendered = renderer.render(result.issue)
+        report.problems.extend(size_problems(rendered))
+        report.rendered.append(rendered)
+    return report
+
+
+def build_paths(paths: list[str | Path], config: Config, out_dir: Path, strict: bool = False) -> CheckReport:
+    """Build every issue into out_dir, or, if any file has an error, build nothing."""
+    report = check_paths(paths, config)
+    stems: dict[str, Path] = {}
+    for rendered in report.rendered:
+        other = stems.setdefault(rendered.issue.stem, Path(rendered.issue.path))
+        if other != Path(rendered.issue.path):
+            report.problems.append(Problem(rendered.issue.path, 0, 0, "", f"has the same name as {other}; "
+                                           f"both would be built into {Path(out_dir) / rendered.issue.stem}"))
+    if report.failed(strict):
+        raise IssueError(report.errors or report.warnings)
+    report.written = [write_issue(rendered, out_dir) for rendered in report.rendered]
+    return report

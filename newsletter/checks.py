@@ -1,0 +1,56 @@
+"""Small value checks shared by the issue reader and the config loader.
+
+Each returns None when the value is fine, or a sentence saying what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from urllib.parse import urlsplit
+
+WEB_SCHEMES = ("http", "https")
+
+
+_LINE_BREAK = re.compile("[\r\n\x85\u2028\u2029]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
+_CONTROL_BUT_NEWLINE_TAB = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def one_line_problem(value: str) -> str | None:
+    if _LINE_BREAK.search(value):
+        return "must be one line, but holds a line break"
+    return control_char_problem(value, _CONTROL)
+
+
+def control_char_problem(value: str, pattern: re.Pattern = _CONTROL_BUT_NEWLINE_TAB) -> str | None:
+    """By default for multi-line text: line breaks and tabs are fine, other controls not."""
+    if m := pattern.search(value):
+        return f"holds a control character (U+{ord(m.group()):04X}); remove it"
+    return None
+
+
+def url_problem(value: str, schemes: tuple[str, ...] = WEB_SCHEMES) -> str | None:
+    wanted = "an absolute " + ("http(s)" if schemes == WEB_SCHEMES else "/".join(schemes)) + " URL"
+    if not value or any(ch.isspace() for ch in value) or _CONTROL.search(value):
+        return f"expected {wanted}, got {value!r}" + (" (it holds a space)" if value else "")
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:
+        return f"expected {wanted}, got {value!r}"
+    if parts.scheme.lower() not in schemes:
+        return f"expected {wanted}, got {value!r}"
+    if parts.scheme.lower() in WEB_SCHEMES and not host:
+        return f"expected {wanted} with a host name, got {value!r}"
+    return None
+
+
+def is_plain_http(value: str) -> bool:
+    return value[:5].lower() == "http:"
+
+
+def suggest(key: str, known) -> str:
+    """'; did you mean X?' for a near miss, else the list of what is allowed."""
+    close = difflib.get_close_matches(key.lower(), list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else "; expected one of " + ", ".join(known)

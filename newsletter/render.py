@@ -1,0 +1,229 @@
+"""Issue -> email HTML, web HTML and plain text, once per issue.
+
+The only Jinja environment lives here. ``templates/email.mjml`` becomes MJML, mjml-python
+compiles it, premailer inlines ``templates/email.css`` into the elements (every <style>
+block in the head stays as written, as MJML itself does); ``templates/email.txt`` gives the
+plain-text twin straight from the model. Per-recipient values stay as placeholders (``PLACEHOLDERS``) for
+the message step to splice in, so nothing here runs per recipient.
+
+Parts of the email that make no sense on the web (the hidden preheader, "view in browser",
+the unsubscribe link) sit between ``<!--email-only-->`` and ``<!--/email-only-->``; the web
+page is the same HTML with those parts cut out, so premailer runs once.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import importlib.util
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+import mjml
+from markupsafe import Markup
+
+from . import markdown
+from .colors import palette
+from .config import Config
+from .errors import WARNING, Problem, TemplateError
+from .model import Issue
+
+EMAIL_TEMPLATE = "email.mjml"
+INLINE_CSS_TEMPLATE = "email.css"
+TEXT_TEMPLATE = "email.txt"
+TEXT_WIDTH = 78
+
+# Per-recipient values, spliced in at send time. No spaces inside: premailer would
+# percent-encode them in attributes.
+PLACEHOLDERS = {"unsubscribe_url": "{{unsubscribe_url}}"}
+
+GMAIL_CLIP_BYTES = 102 * 1024  # Gmail cuts the message off at about this size
+SIZE_WARNING_BYTES = 90 * 1024
+
+_EMAIL_ONLY = re.compile(r"<!--email-only-->.*?<!--/email-only-->", re.S)
+_MARKERS = re.compile(r"<!--/?email-only-->")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    issue: Issue
+    subject: str
+    preheader: str
+    web_url: str
+    mjml: str
+    html: str  # the email, with PLACEHOLDERS still in it
+    web_html: str  # the page for the web archive
+    text: str  # the plain-text part, with PLACEHOLDERS still in it
+
+    @property
+    def html_bytes(self) -> int:
+        return len(self.html.encode("utf-8"))
+
+
+def long_date(value: dt.date) -> str:
+    return f"{calendar.month_name[value.month]} {value.day}, {value.year}"
+
+
+class Renderer:
+    """Holds the Jinja environment for one newsletter; call ``render`` once per issue."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(config.design.templates)),
+            bytecode_cache=_bytecode_cache(),
+            # HTML-escaping is on for everything but the plain-text, CSS and YAML templates.
+            autoescape=lambda name: not (name or "").endswith((".txt", ".css", ".yaml")),
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+        )
+        self.env.filters.update(
+            markdown=lambda md: Markup(markdown.to_html(md.tokens)),
+            markdown_text=lambda md, width=TEXT_WIDTH: markdown.to_text(md.tokens, width),
+            wrap=lambda text, width=TEXT_WIDTH, indent="": "\n".join(markdown.wrap(str(text), width, indent)),
+            long_date=long_date,
+            yaml=lambda value: json.dumps(str(value), ensure_ascii=False),  # a JSON string is valid YAML
+        )
+        self._inliner = None
+
+    def web_url(self, issue: Issue) -> str:
+        return f"{self.config.publication.base_url}/{issue.stem}/"
+
+    def context(self, issue: Issue) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "issue": issue,
+            "publication": cfg.publication,
+            "sender": cfg.sender,
+            "design": cfg.design,
+            "colors": palette(cfg.design.accent_color),
+            "preheader": issue.preheader or "",
+            "web_url": self.web_url(issue),
+            **PLACEHOLDERS,
+        }
+
+    def render(self, issue: Issue) -> Rendered:
+        ctx = self.context(issue)
+        mjml_source = self.render_template(EMAIL_TEMPLATE, ctx)
+        try:
+            compiled = mjml.mjml2html(mjml_source, fonts={})
+        except Exception as exc:  # mrml raises plain exceptions with its parser's message
+            raise TemplateError(f"{EMAIL_TEMPLATE}: MJML could not be compiled: {exc}") from exc
+        html = self._inline(compiled, self.render_template(INLINE_CSS_TEMPLATE, ctx))
+        return Rendered(
+            issue=issue,
+            subject=issue.subject,
+            preheader=ctx["preheader"],
+            web_url=ctx["web_url"],
+            mjml=mjml_source,
+            html=_MARKERS.sub("", html),
+            web_html=_EMAIL_ONLY.sub("", html),
+            text=self.render_template(TEXT_TEMPLATE, ctx),
+        )
+
+    def render_template(self, name: str, ctx: dict[str, Any]) -> str:
+        try:
+            return self.env.get_template(name).render(ctx)
+        except jinja2.TemplateNotFound as exc:
+            raise TemplateError(f"template {exc.name!r} not found in {self.config.design.templates}") from None
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateError(f"{exc.filename or name}:{exc.lineno}: template syntax error: {exc.message}") from None
+        except jinja2.UndefinedError as exc:
+            raise TemplateError(f"{name}:{_template_line(exc, name)}: {exc.message}") from None
+
+    def _inline(self, html: str, css: str) -> str:
+        if self._inliner is None:
+            self._inliner = _make_inliner()
+        # premailer drops a lower-case doctype; MRML writes one.
+        html = re.sub(r"^<!doctype html>", "", html, flags=re.I)
+        # Head styles (MRML's resets, media queries, dark mode) are not for inlining.
+        html = html.replace("<style", '<style data-premailer="ignore"')
+        html = self._inliner(html, css).replace(' data-premailer="ignore"', "")
+        return "<!DOCTYPE html>\n" + html
+
+
+def _bytecode_cache() -> jinja2.BytecodeCache | None:
+    """Compiled templates kept between runs, like .pyc files: a cold start skips Jinja's
+    compiler. Keyed by each template's source, so an edited template is compiled anew."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "newsletter", f"jinja-{jinja2.__version__}")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: compile every time
+    return jinja2.FileSystemBytecodeCache(folder)
+
+
+def _template_line(exc: BaseException, name: str) -> int:
+    tb, line = exc.__traceback__, 0
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(name):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _make_inliner():
+    # Imported here: premailer (cssutils, lxml, requests) is most of a cold start's cost,
+    # and only commands that render pay it. premailer imports requests only to fetch
+    # remote CSS, which allow_network=False forbids, so requests is loaded lazily.
+    _import_lazily("requests")
+    import cssutils
+    from premailer import Premailer
+
+    cssutils.log.setLevel(logging.CRITICAL)
+    parsed_rules: dict[tuple[str, int], Any] = {}
+
+    class StylesheetCachingPremailer(Premailer):
+        # The stylesheet depends on newsletter.toml, not on the issue; premailer caches
+        # its parse but re-serialises every property on each call, most of its time.
+        def _parse_style_rules(self, css_body, ruleset_index):
+            key = (css_body, ruleset_index)
+            if key not in parsed_rules:
+                parsed_rules[key] = super()._parse_style_rules(css_body, ruleset_index)
+            return parsed_rules[key]
+
+    def inline(html: str, css: str) -> str:
+        return StylesheetCachingPremailer(
+            html,
+            css_text=[css],
+            allow_network=False,  # else it fetches font CSS on every call
+            strip_important=False,  # else the mobile and dark-mode !important rules break
+            keep_style_tags=True,
+            disable_basic_attributes=["width", "height"],  # else <img width=200> becomes 100%
+            remove_classes=False,
+            align_floating_images=False,
+            cssutils_logging_level=logging.CRITICAL,
+            disable_validation=True,
+        ).transform(pretty_print=False)
+
+    return inline
+
+
+def _import_lazily(name: str) -> None:
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        return
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)  # runs the real import on first attribute access
+
+
+def size_problems(rendered: Rendered) -> list[Problem]:
+    size = rendered.html_bytes
+    if size < SIZE_WARNING_BYTES:
+        return []
+    over = "over" if size >= GMAIL_CLIP_BYTES else "near"
+    return [Problem(rendered.issue.path, 1, 1, "", f"the email's HTML is {size / 1024:.0f} KB, {over} "
+                    f"Gmail's clipping size (about 102 KB); shorten the issue", WARNING)]
