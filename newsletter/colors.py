@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 AA = 4.5
 WHITE = "#ffffff"
+BLACK = "#000000"
 INK = "#1f1f1f"  # body text on white
 DARK_CARD = "#1e1e1e"  # the card's background in dark mode
 
@@ -60,10 +61,11 @@ class Palette:
 
 
 def palette(accent: str) -> Palette:
-    on_accent = WHITE if contrast(accent, WHITE) >= contrast(accent, INK) else INK
+    # Against any colour, white or black reaches at least 4.58:1.
+    on_accent = WHITE if contrast(accent, WHITE) >= contrast(accent, BLACK) else BLACK
     return Palette(
         accent=accent,
-        link=readable_on(accent, WHITE, "#000000"),
+        link=readable_on(accent, WHITE, BLACK),
         on_accent=on_accent,
         dark_link=readable_on(accent, DARK_CARD, WHITE),
     )

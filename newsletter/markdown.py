@@ -41,7 +41,9 @@ def links(tokens: list[Token]) -> list[FoundLink]:
             continue
         line = block.map[0] if block.map else 0
         for tok in block.children:
-            if tok.type == "link_open":
+            if tok.type in ("softbreak", "hardbreak"):
+                line += 1
+            elif tok.type == "link_open":
                 found.append(FoundLink("link", str(tok.attrs.get("href", "")), line))
             elif tok.type == "image":
                 found.append(FoundLink("image", str(tok.attrs.get("src", "")), line))

@@ -416,7 +416,7 @@ def _compose(path: str, ctx: _Context) -> yaml.Node | None:
     except yaml.YAMLError as exc:  # e.g. a character YAML does not allow
         ctx.report((getattr(exc, "line", 0) + 1, getattr(exc, "column", 0) + 1), "", f"invalid YAML: {exc}")
         return None
-    documents = [d for d in documents if d is not None]
+    documents = [d for d in documents if d is not None and getattr(d, "tag", None) != NULL_TAG]
     if not documents:
         ctx.report((1, 1), "", "the file is empty; an issue needs at least subject, date and lead "
                    "(`newsletter new` writes a skeleton)")

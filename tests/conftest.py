@@ -1,0 +1,48 @@
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "issues" / "2021-08-13-china-taliban.yaml"
+
+MINIMAL = """\
+subject: A small issue
+date: 2024-03-01
+preheader: What this issue is about.
+lead:
+  source: Example News
+  title: Something happened
+  url: https://example.com/story
+  body: |
+    First paragraph.
+"""
+
+
+@pytest.fixture
+def write_issue(tmp_path):
+    """Write YAML text (dedented) to a file and return its path."""
+    def write(text: str, name: str = "issue.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return path
+    return write
+
+
+@pytest.fixture(scope="session")
+def config():
+    from newsletter.config import load_config
+    return load_config(ROOT / "newsletter.toml", environ={})
+
+
+@pytest.fixture(scope="session")
+def renderer(config):
+    from newsletter.render import Renderer
+    return Renderer(config)
+
+
+@pytest.fixture(scope="session")
+def example(renderer):
+    """The example issue, rendered once for the whole session."""
+    from newsletter.reader import read_issue
+    return renderer.render(read_issue(EXAMPLE))

@@ -1,0 +1,109 @@
+"""newsletter.toml: defaults, environment overrides, and every problem reported by key."""
+
+import pytest
+
+from conftest import ROOT
+from newsletter.colors import contrast, palette
+from newsletter.config import load_config
+from newsletter.errors import ConfigError
+
+GOOD = """\
+[publication]
+name = "Test Weekly"
+base_url = "https://test.example/issues/"
+postal_address = "1 Main St, Springfield"
+
+[sender]
+address = "news@test.example"
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "newsletter.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_the_repository_settings_load():
+    config = load_config(ROOT / "newsletter.toml", environ={})
+    assert config.publication.name == "The Watchman Brief"
+    assert config.design.templates == (ROOT / "templates").resolve()
+
+
+def test_defaults_fill_in_what_is_optional(tmp_path):
+    config = load_config(write(tmp_path, GOOD), environ={})
+    assert config.publication.base_url == "https://test.example/issues"  # trailing slash dropped
+    assert config.publication.language == "en"
+    assert config.publication.why == "You are receiving this because you subscribed to Test Weekly."
+    assert config.sender.name == "Test Weekly" and config.sender.reply_to is None
+    assert config.design.accent_color == "#b4232a"
+    assert config.design.templates == (tmp_path / "templates").resolve()
+
+
+def test_environment_overrides_every_setting(tmp_path):
+    config = load_config(write(tmp_path, GOOD), environ={
+        "NEWSLETTER_PUBLICATION_NAME": "From Env",
+        "NEWSLETTER_DESIGN_ACCENT_COLOR": "#0B5",
+        "NEWSLETTER_DESIGN_LOGO_WIDTH": "200",
+        "NEWSLETTER_SECRET": "not a setting of this file, ignored",
+    })
+    assert config.publication.name == "From Env"
+    assert config.design.accent_color == "#00bb55"
+    assert config.design.logo_width == 200
+
+
+def test_every_problem_is_reported_by_key(tmp_path):
+    path = write(tmp_path, """\
+        [publication]
+        name = "X"
+        base_url = "javascript:alert(1)"
+        languag = "en"
+
+        [sender]
+        address = "not an address"
+
+        [desing]
+        accent_color = "red"
+        """.replace("        ", ""))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={"NEWSLETTER_DESIGN_LOGO_WIDTH": "huge", "NEWSLETTER_SENDER_NAMME": "x"})
+    messages = "\n".join(caught.value.messages)
+    assert f"{path}: publication.base_url: expected an absolute http(s) URL" in messages
+    assert f"{path}: publication.languag: unknown setting; did you mean 'language'?" in messages
+    assert f"{path}: publication.postal_address: required setting is missing" in messages
+    assert f"{path}: sender.address: expected an email address" in messages
+    assert f"{path}: [desing]: unknown section; did you mean 'design'?" in messages
+    assert "NEWSLETTER_DESIGN_LOGO_WIDTH: expected a whole number, got 'huge'" in messages
+    assert "NEWSLETTER_SENDER_NAMME: unknown setting sender.namme; did you mean 'name'?" in messages
+    assert len(caught.value.messages) == 7
+
+
+def test_header_injection_through_settings_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD), environ={"NEWSLETTER_SENDER_NAME": "Evil\r\nBcc: all@example.com"})
+    assert "NEWSLETTER_SENDER_NAME: must be one line" in str(caught.value)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.toml", environ={})
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(write(tmp_path, "[publication\nname = 1"), environ={})
+
+
+def test_accent_colours_are_adjusted_for_contrast():
+    for accent in ("#ffd700", "#b4232a", "#00bb55", "#0b5cad", "#111111", "#ffffff"):
+        colors = palette(accent)
+        assert contrast(colors.link, "#ffffff") >= 4.5
+        assert contrast(colors.dark_link, "#1e1e1e") >= 4.5
+        assert contrast(colors.on_accent, accent) >= 4.5
+    assert palette("#0b5cad").link == "#0b5cad"  # already readable: left alone
+
+
+def test_button_text_is_readable_on_any_accent():
+    grid = range(0, 256, 51)
+    for r in grid:
+        for g in grid:
+            for b in grid:
+                accent = f"#{r:02x}{g:02x}{b:02x}"
+                assert contrast(palette(accent).on_accent, accent) >= 4.5, accent
