@@ -14,13 +14,15 @@ page is the same HTML with those parts cut out, so premailer runs once.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import datetime as dt
-import importlib.util
+import importlib
 import json
 import logging
 import os
 import re
 import sys
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +95,7 @@ class Renderer:
             yaml=lambda value: json.dumps(str(value), ensure_ascii=False),  # a JSON string is valid YAML
         )
         self._inliner = None
+        self.colors = palette(config.design.accent_color)
 
     def web_url(self, issue: Issue) -> str:
         return f"{self.config.publication.base_url}/{issue.stem}/"
@@ -104,7 +107,7 @@ class Renderer:
             "publication": cfg.publication,
             "sender": cfg.sender,
             "design": cfg.design,
-            "colors": palette(cfg.design.accent_color),
+            "colors": self.colors,
             "preheader": issue.preheader or "",
             "web_url": self.web_url(issue),
             **PLACEHOLDERS,
@@ -173,11 +176,12 @@ def _template_line(exc: BaseException, name: str) -> int:
 
 def _make_inliner():
     # Imported here: premailer (cssutils, lxml, requests) is most of a cold start's cost,
-    # and only commands that render pay it. premailer imports requests only to fetch
-    # remote CSS, which allow_network=False forbids, so requests is loaded lazily.
-    _import_lazily("requests")
+    # and only commands that render pay it. premailer imports requests (40 ms) only to
+    # fetch remote CSS, which allow_network=False forbids.
     import cssutils
-    from premailer import Premailer
+
+    with _placeholder_module("requests"):
+        from premailer import Premailer
 
     cssutils.log.setLevel(logging.CRITICAL)
     parsed_rules: dict[tuple[str, int], Any] = {}
@@ -208,16 +212,27 @@ def _make_inliner():
     return inline
 
 
-def _import_lazily(name: str) -> None:
+@contextlib.contextmanager
+def _placeholder_module(name: str):
+    """While importing something that imports `name` without needing it, give it a
+    stand-in that loads the real module on first attribute use. Removed afterwards, so
+    any later import of `name` is a real one."""
     if name in sys.modules:
+        yield
         return
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
-        return
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)  # runs the real import on first attribute access
+    stand_in = types.ModuleType(name)
+
+    def load_on_use(attr: str):
+        sys.modules.pop(name, None)
+        return getattr(importlib.import_module(name), attr)
+
+    stand_in.__getattr__ = load_on_use  # PEP 562
+    sys.modules[name] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get(name) is stand_in:
+            del sys.modules[name]
 
 
 def size_problems(rendered: Rendered) -> list[Problem]:
