@@ -1,7 +1,9 @@
 """The command line: parse arguments, call a plain function, print, pick the exit code.
 
-Exit codes: 0 fine; 1 the input has errors (or warnings under --strict); 2 the command
-itself could not run (bad arguments, settings, templates, output folder).
+Exit codes: 0 fine; 1 the input has errors (or warnings under --strict), or a message
+failed for good; 2 the command itself could not run (bad arguments, settings, templates,
+output folder, a server that cannot be reached); 75 some messages were deferred and wait
+for the next `send`.
 Imports of the heavy parts happen inside each command, so `--help` and `new` start fast.
 """
 
@@ -16,6 +18,7 @@ from . import __version__
 from .errors import ConfigError, IssueError, NewsletterError
 
 EXIT_OK, EXIT_INVALID, EXIT_FAILED = 0, 1, 2
+EXIT_DEFERRED = 75  # EX_TEMPFAIL: nothing failed, but some messages wait for a retry
 
 
 def _date(text: str) -> dt.date:
@@ -61,6 +64,43 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", type=Path, default=Path("dist"), help="output folder (default: dist/)")
     build.add_argument("--strict", action="store_true", help="fail on warnings too")
     build.set_defaults(run=run_build)
+
+    send = commands.add_parser("send", parents=[common], help="send an issue to the subscribers",
+                               description="Send one personalised message per subscriber through the "
+                                           "configured backend, recorded in the ledger: running it again "
+                                           "resumes, and nobody gets a second copy.")
+    send.add_argument("issue", metavar="ISSUE", help="the issue file (or its name in issues/)")
+    send.add_argument("--to", metavar="FILE.csv", type=Path, help="send to this list instead of the subscribers")
+    send.add_argument("--backend", choices=("outbox", "smtp"), help="override [send] backend")
+    send.add_argument("--test", nargs="+", metavar="ADDRESS",
+                      help="send only to these addresses, marked [TEST]; not recorded as the real send")
+    send.add_argument("--dry-run", action="store_true", help="build every message, send nothing, record nothing")
+    send.set_defaults(run=run_send)
+
+    status = commands.add_parser("status", parents=[common], help="show how a send is going",
+                                 description="Counts by state and the failures with the server's replies.")
+    status.add_argument("issue", metavar="ISSUE", help="the issue file or its name")
+    status.set_defaults(run=run_status)
+
+    subs = commands.add_parser("subscribers", help="manage the subscriber list",
+                               description="The subscribers in the store (see [store] path).")
+    subs_commands = subs.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = subs_commands.add_parser("add", parents=[common], help="add (or re-subscribe) an address")
+    add.add_argument("email")
+    add.add_argument("--name")
+    add.set_defaults(run=run_subscribers_add)
+    remove = subs_commands.add_parser("remove", parents=[common], help="unsubscribe an address")
+    remove.add_argument("email")
+    remove.set_defaults(run=run_subscribers_remove)
+    imp = subs_commands.add_parser("import", parents=[common], help="add everyone in a CSV (email, name, ...)")
+    imp.add_argument("csv", type=Path, metavar="FILE.csv")
+    imp.set_defaults(run=run_subscribers_import)
+    exp = subs_commands.add_parser("export", parents=[common], help="write every subscriber as CSV")
+    exp.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    exp.set_defaults(run=run_subscribers_export)
+    lst = subs_commands.add_parser("list", parents=[common], help="list subscribers")
+    lst.add_argument("--status", choices=("subscribed", "unsubscribed", "bounced", "complained"))
+    lst.set_defaults(run=run_subscribers_list)
     return parser
 
 
@@ -117,6 +157,147 @@ def run_build(args) -> int:
     _print_problems(report.warnings)
     for folder in report.written:
         print(f"built {folder}/ (email.html, email.txt, index.html)")
+    return EXIT_OK
+
+
+def _issue_path(name: str) -> Path:
+    path = Path(name)
+    if not path.exists() and path.suffix not in (".yaml", ".yml") and (Path("issues") / f"{name}.yaml").exists():
+        return Path("issues") / f"{name}.yaml"
+    return path
+
+
+def _print_csv_report(report, path) -> None:
+    for row, value, why in report.invalid:
+        print(f"{path}:{row}: skipped {value!r}: {why}", file=sys.stderr)
+    if report.duplicates:
+        print(f"{path}: {report.duplicates} duplicate address{'es' * (report.duplicates != 1)} counted once",
+              file=sys.stderr)
+
+
+def run_send(args) -> int:
+    from .progress import ProgressLine
+    from .sender import send_issue
+
+    summary = send_issue(_issue_path(args.issue), _load_config(args), backend_name=args.backend, to_csv=args.to,
+                         test_addresses=args.test, dry_run=args.dry_run, progress=ProgressLine())
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if summary.csv:
+        _print_csv_report(summary.csv, args.to)
+    if summary.resent_in_flight:
+        print(f"{len(summary.resent_in_flight)} message(s) were in flight when an earlier send stopped; "
+              "sent again with the same Message-ID: " + ", ".join(summary.resent_in_flight), file=sys.stderr)
+    run = summary.this_run
+    if args.dry_run:
+        size = summary.bytes / max(summary.built, 1) / 1024
+        print(f"dry run: built {summary.built} message(s), {size:.1f} KB each on average; "
+              f"{run['skipped']} skipped; nothing sent")
+        return EXIT_OK
+    print(f"{'test send' if args.test else summary.issue}: sent {run['sent']}, deferred {run['deferred']}, "
+          f"failed {run['failed']}, skipped {run['skipped']}")
+    if summary.counts:
+        c = summary.counts
+        print(f"ledger: {c['sent']} sent, {c['pending']} pending, {c['deferred']} deferred, "
+              f"{c['failed']} failed, {c['skipped']} skipped")
+    if summary.stopped:
+        print(f"stopped: {summary.stopped}", file=sys.stderr)
+    if args.backend == "outbox" or (not args.backend and "outbox" in summary.backend):
+        print(f"messages are in {summary.backend.removeprefix('outbox ')}")
+    if run["failed"]:
+        return EXIT_INVALID
+    if run["deferred"] or (summary.counts and (summary.counts["deferred"] or summary.counts["pending"])):
+        return EXIT_DEFERRED
+    return EXIT_OK
+
+
+def run_status(args) -> int:
+    from .sender import status_of
+
+    counts, problems, in_flight = status_of(_load_config(args), args.issue)
+    total = sum(counts.values())
+    if not total:
+        print(f"{args.issue}: not sent yet")
+        return EXIT_OK
+    print(f"{args.issue}: {total} recipient(s)")
+    for state, n in counts.items():
+        print(f"  {state:<9} {n}")
+    for email, updated in in_flight:
+        print(f"in flight when a send stopped ({updated}): {email}; the next send sends it again")
+    for email, state, reply, attempts in problems:
+        print(f"{state}: {email} ({attempts} attempt{'s' * (attempts != 1)}): {reply}")
+    return EXIT_INVALID if counts["failed"] else EXIT_OK
+
+
+def _store(args):
+    from .store import Store
+
+    return Store(_load_config(args).store.path)
+
+
+def run_subscribers_add(args) -> int:
+    from .recipients import Recipient, address_problem, clean_name, normalize
+
+    if problem := address_problem(args.email.strip()):
+        print(f"newsletter: {args.email!r}: {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    with _store(args) as store:
+        result = store.add(Recipient(normalize(args.email), clean_name(args.name)), "cli add", resubscribe=True)
+    print(f"{normalize(args.email)}: {result}")
+    return EXIT_INVALID if result == "suppressed" else EXIT_OK
+
+
+def run_subscribers_remove(args) -> int:
+    from .recipients import normalize
+
+    with _store(args) as store:
+        changed = store.set_status(normalize(args.email), "unsubscribed", "cli remove")
+    print(f"{normalize(args.email)}: {'unsubscribed' if changed else 'not a current subscriber'}")
+    return EXIT_OK if changed else EXIT_INVALID
+
+
+def run_subscribers_import(args) -> int:
+    from .recipients import CsvReport, read_csv
+
+    report = CsvReport()
+    results: dict[str, int] = {}
+    with _store(args) as store, store.transaction():
+        for recipient in read_csv(args.csv, report):
+            result = store.add(recipient, f"import {args.csv.name}")
+            results[result] = results.get(result, 0) + 1
+    _print_csv_report(report, args.csv)
+    kept = {"unsubscribed": "left unsubscribed", "bounced": "left bounced", "complained": "left as complained",
+            "suppressed": "suppressed, not added"}
+    parts = [f"{results.get('added', 0)} added", f"{results.get('updated', 0)} already subscribed"]
+    parts += [f"{n} {kept[k]}" for k, n in sorted(results.items()) if k in kept]
+    parts.append(f"{len(report.invalid)} invalid")
+    print(f"{args.csv}: {report.read} row(s): " + ", ".join(parts))
+    return EXIT_INVALID if report.invalid else EXIT_OK
+
+
+def run_subscribers_export(args) -> int:
+    import csv
+
+    out = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
+    try:
+        writer = csv.writer(out)
+        writer.writerow(["email", "name", "status", "changed_at", "changed_how"])
+        with _store(args) as store:
+            for email, name, _fields, status, changed_at, how in store.subscribers():
+                writer.writerow([email, name or "", status, changed_at, how])
+    finally:
+        if args.out:
+            out.close()
+    return EXIT_OK
+
+
+def run_subscribers_list(args) -> int:
+    with _store(args) as store:
+        n = 0
+        for email, name, _fields, status, changed_at, how in store.subscribers(args.status):
+            n += 1
+            print(f"{email:<40} {status:<12} {name or '':<24} {changed_at} {how}")
+    print(f"{n} subscriber(s)", file=sys.stderr)
     return EXIT_OK
 
 

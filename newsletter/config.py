@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -94,6 +94,62 @@ class Int(Option):
         return value
 
 
+class Seconds(Option):
+    def validate(self, value):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"expected a number of seconds, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"expected a number of seconds, got {value!r}")
+        return float(value)
+
+
+class Bool(Option):
+    def validate(self, value):
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            value = value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+
+
+class Choice(Str):
+    def __init__(self, choices: tuple[str, ...], default=None, required=False, help=""):
+        super().__init__(default, required, help)
+        self.choices = choices
+
+    def validate(self, value):
+        value = super().validate(value)
+        if value not in self.choices:
+            raise ValueError(f"expected one of {', '.join(self.choices)}, got {value!r}{suggest(value, self.choices)}")
+        return value
+
+
+class RelativePath(Str):
+    """A path; relative ones are taken from the settings file's folder (see load_config)."""
+
+
+class Secret(Str):
+    """Read only from the environment, never from the file; its value is never echoed."""
+
+    def validate(self, value):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("is set but empty")
+        if one_line_problem(value.strip()) and "PRIVATE KEY" not in value:
+            raise ValueError("must be one line")
+        return value.strip()
+
+
+class UrlWithToken(HttpsUrl):
+    def validate(self, value):
+        value = super().validate(value.replace("{token}", "TOKEN") if isinstance(value, str) else value)
+        if "TOKEN" not in value:
+            raise ValueError("must contain {token}, where each reader's unsubscribe token goes")
+        return value.replace("TOKEN", "{token}")
+
+
 SCHEMA: dict[str, dict[str, Option]] = {
     "publication": {
         "name": Str(required=True, help="the newsletter's name, shown in the masthead and From"),
@@ -101,6 +157,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "postal_address": Str(required=True, help="the sender's postal address, required by anti-spam laws"),
         "language": Language(default="en"),
         "why": Str(help="one sentence in the footer saying why the reader gets this email"),
+        "list_id": Str(help="the List-Id, a dotted name such as brief.example.com (default: from name and sender)"),
+        "unsubscribe_url": UrlWithToken(help="one-click unsubscribe URL with {token}, e.g. https://example.com/u/{token}"),
+        "unsubscribe_mailto": Email(help="address that unsubscribes whoever writes to it"),
     },
     "sender": {
         "address": Email(required=True, help="the From address"),
@@ -112,9 +171,42 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "logo_url": HttpsUrl(),
         "logo_alt": Str(),
         "logo_width": Int(default=160, min=16, max=600),
-        "templates": Str(default="templates", help="folder of templates, relative to this file"),
+        "templates": RelativePath(default="templates", help="folder of templates, relative to this file"),
+    },
+    "store": {
+        "path": RelativePath(default="newsletter.sqlite3", help="the SQLite file of subscribers and sends"),
+    },
+    "send": {
+        "backend": Choice(("outbox", "smtp"), default="outbox"),
+        "outbox": RelativePath(default="outbox", help="folder the outbox backend writes .eml files to"),
+        "batch_size": Int(default=500, min=1, max=100_000),
+        "max_attempts": Int(default=5, min=1, max=100),
+        "retry_delay": Seconds(default=60.0, help="first wait before retrying a deferred message; doubles each time"),
+        "max_wait": Seconds(default=300.0, help="how long one send run waits for deferred retries to fall due"),
+        "secret": Secret(help="signs unsubscribe tokens; from NEWSLETTER_SEND_SECRET or NEWSLETTER_SECRET"),
+    },
+    "smtp": {
+        "host": Str(default="localhost"),
+        "port": Int(default=587, min=1, max=65535),
+        "security": Choice(("starttls", "ssl", "none"), default="starttls"),
+        "username": Str(),
+        "password": Secret(help="from NEWSLETTER_SMTP_PASSWORD"),
+        "verify_tls": Bool(default=True),
+        "ca_file": RelativePath(help="extra CA certificates (PEM) to trust, e.g. a private relay's"),
+        "connections": Int(default=4, min=1, max=64),
+        "messages_per_connection": Int(default=100, min=1, max=1_000_000),
+        "timeout": Seconds(default=30.0),
+        "helo_name": Str(help="the name given in EHLO (default: this machine's name)"),
+    },
+    "dkim": {
+        "domain": Str(help="the signing domain (d=); DKIM is on when this and the key are set"),
+        "selector": Str(default="newsletter"),
+        "private_key": Secret(help="PEM private key, from NEWSLETTER_DKIM_PRIVATE_KEY"),
     },
 }
+
+# Secrets also accepted under a shorter, conventional name.
+ENV_ALIASES = {"NEWSLETTER_SEND_SECRET": "NEWSLETTER_SECRET"}
 
 
 @dataclass(frozen=True)
@@ -124,6 +216,9 @@ class Publication:
     postal_address: str
     language: str
     why: str
+    list_id: str
+    unsubscribe_url: str | None
+    unsubscribe_mailto: str | None
 
 
 @dataclass(frozen=True)
@@ -131,6 +226,10 @@ class Sender:
     address: str
     name: str
     reply_to: str | None
+
+    @property
+    def domain(self) -> str:
+        return self.address.rsplit("@", 1)[1].lower()
 
 
 @dataclass(frozen=True)
@@ -143,11 +242,65 @@ class Design:
 
 
 @dataclass(frozen=True)
+class Store:
+    path: Path
+
+
+@dataclass(frozen=True)
+class Send:
+    backend: str
+    outbox: Path
+    batch_size: int
+    max_attempts: int
+    retry_delay: float
+    max_wait: float
+    secret: str | None = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Smtp:
+    host: str
+    port: int
+    security: str
+    username: str | None
+    password: str | None = field(repr=False)
+    verify_tls: bool = True
+    ca_file: Path | None = None
+    connections: int = 4
+    messages_per_connection: int = 100
+    timeout: float = 30.0
+    helo_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Dkim:
+    domain: str | None
+    selector: str
+    private_key: str | None = field(repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.domain and self.private_key)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     publication: Publication
     sender: Sender
     design: Design
+    store: Store
+    send: Send
+    smtp: Smtp
+    dkim: Dkim
+
+
+SECTIONS = {"publication": Publication, "sender": Sender, "design": Design, "store": Store,
+            "send": Send, "smtp": Smtp, "dkim": Dkim}
+
+
+def env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section}_{key}".upper()
 
 
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -180,37 +333,46 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
                 messages.append(f"{config_path}: {section}.{key}: unknown setting{suggest(key, options)}")
         values[section] = {}
         for key, option in options.items():
-            env_name = f"{ENV_PREFIX}{section}_{key}".upper()
-            if env_name in environ:
-                value, source = environ[env_name], env_name
+            name = env_name(section, key)
+            names = [n for n in (name, ENV_ALIASES.get(name)) if n]
+            from_env = next((n for n in names if n in environ), None)
+            if isinstance(option, Secret) and key in given:
+                messages.append(f"{config_path}: {section}.{key}: secrets are not read from the file; "
+                                f"set the environment variable {names[-1]} instead, and remove it here")
+                continue
+            if from_env:
+                value, source = environ[from_env], from_env
             elif key in given:
                 value, source = given[key], f"{config_path}: {section}.{key}"
             elif option.required:
                 messages.append(f"{config_path}: {section}.{key}: required setting is missing ({option.help})")
                 continue
             else:
-                values[section][key] = option.default
-                continue
-            try:
-                values[section][key] = option.validate(value)
-            except ValueError as exc:
-                messages.append(f"{source}: {exc}")
-    for env_name in sorted(environ):
-        if env_name.startswith(ENV_PREFIX):
-            section, _, key = env_name[len(ENV_PREFIX):].lower().partition("_")
+                value, source = option.default, None
+            if source is not None:
+                try:
+                    value = option.validate(value)
+                except ValueError as exc:
+                    messages.append(f"{source}: {exc}")
+                    continue
+            if isinstance(option, RelativePath) and value is not None:
+                value = (config_path.parent / value).resolve()
+            values[section][key] = value
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in ENV_ALIASES.values():
+            section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
             if section in SCHEMA and key not in SCHEMA[section]:
-                messages.append(f"{env_name}: unknown setting {section}.{key}{suggest(key, SCHEMA[section])}")
+                messages.append(f"{name}: unknown setting {section}.{key}{suggest(key, SCHEMA[section])}")
     if messages:
         raise ConfigError(messages)
 
-    pub, snd, des = values["publication"], values["sender"], values["design"]
-    return Config(
-        path=config_path,
-        publication=Publication(
-            why=pub["why"] or f"You are receiving this because you subscribed to {pub['name']}.",
-            **{k: v for k, v in pub.items() if k != "why"},
-        ),
-        sender=Sender(address=snd["address"], name=snd["name"] or pub["name"], reply_to=snd["reply_to"]),
-        design=Design(**{**des, "templates": (config_path.parent / des["templates"]).resolve()}),
-    )
+    pub, snd = values["publication"], values["sender"]
+    pub["why"] = pub["why"] or f"You are receiving this because you subscribed to {pub['name']}."
+    snd["name"] = snd["name"] or pub["name"]
+    domain = snd["address"].rsplit("@", 1)[1].lower()
+    pub["list_id"] = pub["list_id"] or f"{_slug(pub['name'])}.{domain}"
+    return Config(path=config_path, **{section: cls(**values[section]) for section, cls in SECTIONS.items()})
 
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "newsletter"

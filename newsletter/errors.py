@@ -5,6 +5,9 @@
      +-- IssueError            one or more issue files are invalid (carries Problems)
      +-- TemplateError         a template in templates/ is broken or uses an unknown name
      +-- OutputError           the output folder cannot be written
+     +-- StoreError            the SQLite store cannot be opened or is busy with another send
+     +-- RecipientsError       a recipients CSV cannot be read
+     +-- SendError             a backend cannot send at all (connection, TLS, login refused)
 
 A Problem is one finding about one place: an error fails the run, a warning fails it
 only under --strict. Errors from libraries (yaml, jinja2, OSError) are translated into
@@ -60,4 +63,16 @@ class TemplateError(NewsletterError):
 
 
 class OutputError(NewsletterError):
+    pass
+
+
+class StoreError(NewsletterError):
+    pass
+
+
+class RecipientsError(NewsletterError):
+    pass
+
+
+class SendError(NewsletterError):
     pass

@@ -1,0 +1,103 @@
+"""Addresses and recipient lists: CSV in, clean unique recipients out, every bad row named.
+
+A CSV needs a header row with `email`; `name` is optional; any other column is kept as a
+merge field. Rows are streamed, never loaded whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .checks import one_line_problem
+from .errors import RecipientsError
+
+# Deliberately plain: ASCII dot-atom local part, a domain of at least two labels.
+_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+@dataclass(frozen=True)
+class Recipient:
+    email: str
+    name: str | None = None
+    fields: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+def address_problem(address: str) -> str | None:
+    if not address:
+        return "no address"
+    if len(address) > 254:
+        return "longer than 254 characters"
+    if not address.isascii():
+        return "non-ASCII addresses are not supported"
+    local, at, domain = address.rpartition("@")
+    if not at or not local:
+        return "expected an address like name@example.com"
+    if len(local) > 64 or not _LOCAL.fullmatch(local):
+        return f"{local!r} is not a valid mailbox name"
+    labels = domain.split(".")
+    if len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        return f"{domain!r} is not a valid domain"
+    return None
+
+
+def normalize(address: str) -> str:
+    """The form stored and compared: trimmed, domain lower-cased."""
+    local, _, domain = address.strip().rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+def clean_name(name: str | None) -> str | None:
+    if name is None:
+        return None
+    name = " ".join(name.split())
+    if one_line_problem(name) or len(name) > 200:
+        return None
+    return name or None
+
+
+@dataclass
+class CsvReport:
+    read: int = 0
+    duplicates: int = 0
+    invalid: list[tuple[int, str, str]] = field(default_factory=list)  # (row, value, why)
+
+
+def read_csv(path: str | Path, report: CsvReport) -> Iterator[Recipient]:
+    """Yield each valid, first-seen recipient; invalid rows and duplicates go to `report`."""
+    seen: set[str] = set()
+    try:
+        f = open(path, newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise RecipientsError(f"{path}: cannot read it: {exc.strerror or exc}") from exc
+    with f:
+        reader = csv.DictReader(f)
+        try:
+            header = reader.fieldnames or []
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise RecipientsError(f"{path}: not a readable CSV file: {exc}") from exc
+        columns = {c.strip().lower(): c for c in header if c}
+        if "email" not in columns:
+            raise RecipientsError(f"{path}:1: the header row needs an 'email' column (found: {', '.join(header) or 'nothing'})")
+        try:
+            for row in reader:
+                report.read += 1
+                line = reader.line_num
+                raw = (row.get(columns["email"]) or "").strip()
+                if problem := address_problem(raw):
+                    report.invalid.append((line, raw, problem))
+                    continue
+                email = normalize(raw)
+                if email.lower() in seen:
+                    report.duplicates += 1
+                    continue
+                seen.add(email.lower())
+                name = clean_name(row.get(columns["name"])) if "name" in columns else None
+                extra = {k: (v or "") for k, v in row.items() if k and k.strip().lower() not in ("email", "name")}
+                yield Recipient(email, name, extra)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise RecipientsError(f"{path}:{reader.line_num}: not readable CSV: {exc}") from exc

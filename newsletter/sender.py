@@ -1,0 +1,320 @@
+"""`newsletter send`: render once, then hand each recipient's message to a backend through
+the ledger, so that a send can stop or crash at any moment and be resumed.
+
+The rule for rows left in `sending` (the process died while their message was in
+flight, at most one per connection): the next run reports them and sends them again
+with the same Message-ID. Nobody is skipped; a receiving system that did take the first
+copy sees the same Message-ID twice and can drop it (Gmail does).
+
+Signals: SIGINT or SIGTERM stop the run after the messages in flight; the rest stays
+pending for the next run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import random
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .backends import get_backend
+from .backends.base import DEFERRED, FAILED, SENT, Backend, Outcome
+from .config import Config
+from .errors import ConfigError, RecipientsError, SendError, StoreError
+from .message import MessageFactory
+from .reader import read_issue
+from .recipients import CsvReport, Recipient, address_problem, normalize, read_csv
+from .render import Renderer
+from .store import Delivery, Store
+from .tokens import Signer
+
+SECRET_HELP = ("NEWSLETTER_SECRET is not set; it signs the unsubscribe links. Make one with: "
+               "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+
+
+class Progress:
+    """Told about each outcome; the CLI draws a bar, tests may count."""
+
+    def start(self, total: int, backend: str) -> None: ...
+
+    def advance(self, state: str) -> None: ...
+
+    def note(self, text: str) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+@dataclass
+class SendSummary:
+    issue: str
+    backend: str
+    counts: dict[str, int] = field(default_factory=dict)  # the ledger after the run
+    this_run: dict[str, int] = field(default_factory=lambda: {SENT: 0, DEFERRED: 0, FAILED: 0, "skipped": 0})
+    resent_in_flight: list[str] = field(default_factory=list)
+    csv: CsvReport | None = None
+    stopped: str | None = None  # why the run ended early, if it did
+    built: int = 0  # --dry-run and --test: messages built
+    bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def make_signer(config: Config, allow_ephemeral: bool, warnings: list[str]) -> Signer:
+    secret = config.send.secret
+    if not secret:
+        if not allow_ephemeral:
+            raise ConfigError([SECRET_HELP])
+        warnings.append("NEWSLETTER_SECRET is not set: using a one-off secret, so the unsubscribe links in "
+                        "these messages cannot be checked later. Set it before sending for real.")
+        secret = secrets.token_urlsafe(32)
+    return Signer(secret.encode("utf-8"), config.publication.list_id)
+
+
+class IssueLock:
+    """One send per issue at a time. flock is released by the kernel when the process dies."""
+
+    def __init__(self, store_path: Path, issue: str):
+        self.path = store_path.with_name(f"{store_path.name}.{issue}.lock")
+        self.issue = issue
+
+    def __enter__(self):
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise StoreError(f"another `newsletter send` of {self.issue} is running ({holder}); "
+                             "wait for it to finish, or stop it (it resumes where it left off)") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | None = None,
+               to_csv: str | Path | None = None, test_addresses: list[str] | None = None,
+               dry_run: bool = False, progress: Progress | None = None,
+               backend: Backend | None = None) -> SendSummary:
+    progress = progress or Progress()
+    issue = read_issue(issue_path)
+    rendered = Renderer(config).render(issue)
+    backend_name = backend_name or config.send.backend
+    summary = SendSummary(issue.stem, backend_name)
+    local = dry_run or backend_name == "outbox" or bool(test_addresses)
+    signer = make_signer(config, allow_ephemeral=local, warnings=summary.warnings)
+    factory = MessageFactory(rendered, config, signer, test_send=bool(test_addresses))
+
+    if test_addresses:
+        return _send_test(factory, signer, test_addresses, backend or get_backend(backend_name, config, issue.stem),
+                          summary, dry_run, progress)
+
+    with Store(config.store.path) as store:
+        if dry_run:
+            return _dry_run(store, factory, signer, to_csv, issue.stem, summary, progress)
+        with IssueLock(config.store.path, issue.stem):
+            summary.resent_in_flight = [email for email, _ in store.in_flight(issue.stem)]
+            store.requeue_in_flight(issue.stem)
+            if to_csv:
+                summary.csv = CsvReport()
+                store.enqueue(issue.stem, read_csv(to_csv, summary.csv), signer.recipient_key)
+            else:
+                store.enqueue_subscribers(issue.stem, signer.recipient_key)
+            summary.this_run["skipped"] += store.skip_blocked(issue.stem)
+            backend = backend or get_backend(backend_name, config, issue.stem)
+            summary.backend = backend.describe()
+            try:
+                asyncio.run(_deliver(store, issue.stem, factory, backend, config, summary, progress))
+            finally:
+                progress.finish()
+            summary.counts = store.counts(issue.stem)
+    return summary
+
+
+# -- the send loop -----------------------------------------------------------------------------
+
+async def _deliver(store: Store, issue: str, factory: MessageFactory, backend: Backend, config: Config,
+                   summary: SendSummary, progress: Progress) -> None:
+    settings = config.send
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, lambda s=sig: (stop.set(), _note_stop(summary, f"stopped by {s.name}")))
+        except (NotImplementedError, RuntimeError):  # not the main thread: no signal handling
+            pass
+    counts = store.counts(issue)
+    progress.start(counts["pending"] + counts["deferred"], backend.describe())
+
+    workers = []
+    try:
+        for _ in range(backend.connections):
+            workers.append(await backend.open_worker())
+        while not stop.is_set():
+            await _one_pass(store, issue, factory, workers, settings, summary, progress, stop)
+            if stop.is_set():
+                break
+            next_try = store.next_retry(issue)
+            if next_try is None:
+                break
+            wait = next_try - time.time()
+            if wait > settings.max_wait:
+                _note_stop(summary, f"deferred messages are due in {wait:.0f} s; run send again then")
+                break
+            progress.note(f"waiting {max(wait, 0):.1f} s to retry deferred messages")
+            try:
+                await asyncio.wait_for(stop.wait(), max(wait, 0))
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+
+
+def _note_stop(summary: SendSummary, why: str) -> None:
+    summary.stopped = summary.stopped or why
+
+
+async def _one_pass(store, issue, factory, workers, settings, summary, progress, stop) -> None:
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(workers) * 8)
+    fatal: list[SendError] = []
+
+    async def work(worker):
+        while (item := await queue.get()) is not None:
+            delivery, message = item
+            if stop.is_set():
+                continue  # still pending in the ledger: the next run sends it
+            store.mark(delivery.id, "sending", count_attempt=True)
+            try:
+                outcome = await worker.send(message)
+            except SendError as exc:
+                store.mark(delivery.id, "pending", reply=f"not sent: {exc}")
+                fatal.append(exc)
+                stop.set()
+                continue
+            _record(store, delivery, outcome, settings, summary)
+            progress.advance(outcome.state)
+
+    tasks = [asyncio.create_task(work(w)) for w in workers]
+    try:
+        after = 0
+        while not stop.is_set():
+            batch = store.due(issue, settings.batch_size, after_id=after)
+            if not batch:
+                break
+            after = batch[-1].id
+            blocked = store.blocked([d.email for d in batch])
+            for delivery in batch:
+                if stop.is_set():
+                    break
+                if delivery.email.lower() in blocked:
+                    store.mark(delivery.id, "skipped", reply="unsubscribed or suppressed before sending")
+                    summary.this_run["skipped"] += 1
+                    progress.advance("skipped")
+                    continue
+                message = factory.build(delivery.email, delivery.name, delivery.rkey)
+                await queue.put((delivery, message))
+    finally:
+        for _ in tasks:
+            await queue.put(None)
+        await asyncio.gather(*tasks)
+    if fatal:
+        raise fatal[0]
+
+
+def _record(store: Store, delivery: Delivery, outcome: Outcome, settings, summary: SendSummary) -> None:
+    attempts = delivery.attempts + 1
+    state, reply = outcome.state, outcome.reply
+    if state == DEFERRED and attempts >= settings.max_attempts:
+        state, reply = FAILED, f"gave up after {attempts} attempts; last reply: {reply}"
+    if state == DEFERRED:
+        delay = settings.retry_delay * (2 ** (attempts - 1)) * random.uniform(0.9, 1.1)
+        store.mark(delivery.id, DEFERRED, reply, next_try=time.time() + delay)
+    else:
+        store.mark(delivery.id, state, reply)
+    if outcome.suppress:
+        store.suppress(delivery.email, reply)
+        store.set_status(delivery.email, "bounced", f"send {reply}")
+    summary.this_run[state] += 1
+
+
+# -- test sends and dry runs --------------------------------------------------------------------
+
+def _send_test(factory, signer, addresses, backend, summary, dry_run, progress) -> SendSummary:
+    for address in addresses:
+        if problem := address_problem(address.strip()):
+            raise RecipientsError(f"--test {address!r}: {problem}")
+    recipients = [normalize(a) for a in addresses]
+    messages = [factory.build(a, None, signer.recipient_key(a)) for a in recipients]
+    summary.built = len(messages)
+    summary.bytes = sum(len(m.data) for m in messages)
+    if dry_run:
+        return summary
+
+    async def run():
+        worker = await backend.open_worker()
+        try:
+            for message in messages:
+                outcome = await worker.send(message)
+                summary.this_run[outcome.state] += 1
+                progress.advance(outcome.state)
+                if outcome.state != SENT:
+                    summary.warnings.append(f"{message.recipient}: {outcome.reply}")
+        finally:
+            await worker.close()
+
+    summary.backend = backend.describe()
+    progress.start(len(messages), backend.describe())
+    try:
+        asyncio.run(run())
+    finally:
+        progress.finish()
+    return summary
+
+
+def _dry_run(store: Store, factory, signer, to_csv, issue: str, summary: SendSummary, progress) -> SendSummary:
+    """Build every message that a real send would, keep none of them, write nothing."""
+    if to_csv:
+        summary.csv = CsvReport()
+        recipients: Iterator[Recipient] = read_csv(to_csv, summary.csv)
+    else:
+        recipients = (Recipient(email, name) for email, name, *_ in store.subscribers("subscribed"))
+    batch: list[Recipient] = []
+
+    def flush():
+        blocked = store.blocked([r.email for r in batch])
+        for r in batch:
+            if r.email.lower() in blocked:
+                summary.this_run["skipped"] += 1
+                continue
+            summary.bytes += len(factory.build(r.email, r.name, signer.recipient_key(r.email)).data)
+            summary.built += 1
+        batch.clear()
+
+    for recipient in recipients:
+        batch.append(recipient)
+        if len(batch) >= 500:
+            flush()
+    flush()
+    return summary
+
+
+def status_of(config: Config, issue: str) -> tuple[dict[str, int], list[tuple], list[tuple]]:
+    stem = Path(issue).stem if issue.endswith((".yaml", ".yml")) else issue
+    with Store(config.store.path) as store:
+        return store.counts(stem), store.problems(stem), store.in_flight(stem)

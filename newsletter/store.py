@@ -1,0 +1,262 @@
+"""The embedded store: one SQLite file with subscribers, suppressions and the send ledger.
+
+    subscribers   one row per address: name, merge fields, status and when/how it changed
+    suppressions  addresses never to send to (hard bounces, complaints, manual blocks)
+    deliveries    the ledger: one row per (issue, address) and its state
+
+Ledger states:  pending -> sending -> sent | deferred | failed ; pending -> skipped
+A row becomes `sending` (committed) just before its message goes out, and `sent` only
+after the server's 250 to DATA. WAL mode with synchronous=NORMAL: a commit survives the
+process being killed, which is the failure this ledger is built for.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import StoreError
+from .recipients import Recipient
+
+STATUSES = ("subscribed", "unsubscribed", "bounced", "complained")
+STATES = ("pending", "sending", "sent", "deferred", "failed", "skipped")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS subscribers (
+    id          INTEGER PRIMARY KEY,
+    email       TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    name        TEXT,
+    fields      TEXT,
+    status      TEXT NOT NULL DEFAULT 'subscribed'
+                CHECK (status IN ('subscribed', 'unsubscribed', 'bounced', 'complained')),
+    changed_at  TEXT NOT NULL,
+    changed_how TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS suppressions (
+    email       TEXT PRIMARY KEY COLLATE NOCASE,
+    reason      TEXT NOT NULL,
+    created_at  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id          INTEGER PRIMARY KEY,
+    issue       TEXT NOT NULL,
+    email       TEXT NOT NULL COLLATE NOCASE,
+    name        TEXT,
+    fields      TEXT,
+    rkey        TEXT NOT NULL,
+    state       TEXT NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'sending', 'sent', 'deferred', 'failed', 'skipped')),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    reply       TEXT,
+    next_try    REAL NOT NULL DEFAULT 0,
+    updated_at  TEXT NOT NULL,
+    UNIQUE (issue, email)
+);
+CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries (issue, state, next_try);
+CREATE INDEX IF NOT EXISTS deliveries_by_rkey ON deliveries (rkey);
+"""
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    email: str
+    name: str | None
+    fields: dict
+    rkey: str
+    attempts: int
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"{self.path}: cannot open the store: {exc}") from exc
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def transaction(self):
+        return _Transaction(self.db)
+
+    # -- subscribers -------------------------------------------------------------------------
+
+    def add(self, recipient: Recipient, how: str, resubscribe: bool = False) -> str:
+        """'added', 'updated' (name or fields), 'resubscribed', or why it was not added."""
+        if self.suppressed(recipient.email):
+            return "suppressed"
+        row = self.db.execute("SELECT status FROM subscribers WHERE email = ?", (recipient.email,)).fetchone()
+        fields = json.dumps(recipient.fields, sort_keys=True) if recipient.fields else None
+        if row is None:
+            self.db.execute(
+                "INSERT INTO subscribers (email, name, fields, changed_at, changed_how) VALUES (?, ?, ?, ?, ?)",
+                (recipient.email, recipient.name, fields, now_iso(), how))
+            return "added"
+        if row[0] != "subscribed" and not resubscribe:
+            return row[0]  # an unsubscribe is honoured; only an explicit add brings them back
+        self.db.execute(
+            "UPDATE subscribers SET name = coalesce(?, name), fields = coalesce(?, fields),"
+            " status = 'subscribed', changed_at = CASE WHEN status = 'subscribed' THEN changed_at ELSE ? END,"
+            " changed_how = CASE WHEN status = 'subscribed' THEN changed_how ELSE ? END WHERE email = ?",
+            (recipient.name, fields, now_iso(), how, recipient.email))
+        return "updated" if row[0] == "subscribed" else "resubscribed"
+
+    def set_status(self, email: str, status: str, how: str) -> bool:
+        assert status in STATUSES
+        cur = self.db.execute(
+            "UPDATE subscribers SET status = ?, changed_at = ?, changed_how = ? WHERE email = ? AND status != ?",
+            (status, now_iso(), how, email, status))
+        return cur.rowcount > 0
+
+    def suppress(self, email: str, reason: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO suppressions (email, reason, created_at) VALUES (?, ?, ?)",
+                        (email, reason, now_iso()))
+
+    def suppressed(self, email: str) -> bool:
+        return self.db.execute("SELECT 1 FROM suppressions WHERE email = ?", (email,)).fetchone() is not None
+
+    def subscribers(self, status: str | None = None) -> Iterator[tuple]:
+        """(email, name, fields, status, changed_at, changed_how), streamed in address order."""
+        sql = "SELECT email, name, fields, status, changed_at, changed_how FROM subscribers"
+        args: tuple = ()
+        if status:
+            sql, args = sql + " WHERE status = ?", (status,)
+        yield from self.db.execute(sql + " ORDER BY email", args)
+
+    def count_subscribers(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT status, count(*) FROM subscribers GROUP BY status"))
+
+    # -- the ledger ----------------------------------------------------------------------------
+
+    def enqueue_subscribers(self, issue: str, key_of) -> int:
+        """Add every current subscriber who has no row for this issue yet, as pending."""
+        self.db.create_function("rkey", 1, key_of, deterministic=True)
+        with self.transaction():
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO deliveries (issue, email, name, fields, rkey, updated_at)"
+                " SELECT ?, s.email, s.name, s.fields, rkey(s.email), ? FROM subscribers s"
+                " WHERE s.status = 'subscribed'"
+                " AND NOT EXISTS (SELECT 1 FROM suppressions x WHERE x.email = s.email)",
+                (issue, now_iso()))
+        return cur.rowcount
+
+    def enqueue(self, issue: str, recipients: Iterable[Recipient], key_of, chunk: int = 5000) -> int:
+        added = 0
+        rows = []
+        stamp = now_iso()
+
+        def flush():
+            nonlocal added
+            with self.transaction():
+                cur = self.db.executemany(
+                    "INSERT OR IGNORE INTO deliveries (issue, email, name, fields, rkey, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)", rows)
+                added += cur.rowcount
+            rows.clear()
+
+        for r in recipients:
+            rows.append((issue, r.email, r.name, json.dumps(r.fields, sort_keys=True) if r.fields else None,
+                         key_of(r.email), stamp))
+            if len(rows) >= chunk:
+                flush()
+        if rows:
+            flush()
+        return added
+
+    def skip_blocked(self, issue: str) -> int:
+        """Pending or deferred rows whose address was unsubscribed or suppressed meanwhile."""
+        cur = self.db.execute(
+            "UPDATE deliveries SET state = 'skipped', reply = 'unsubscribed or suppressed before sending',"
+            " updated_at = ? WHERE issue = ? AND state IN ('pending', 'deferred') AND ("
+            " EXISTS (SELECT 1 FROM suppressions x WHERE x.email = deliveries.email) OR"
+            " EXISTS (SELECT 1 FROM subscribers s WHERE s.email = deliveries.email AND s.status != 'subscribed'))",
+            (now_iso(), issue))
+        return cur.rowcount
+
+    def due(self, issue: str, batch_size: int, after_id: int = 0, now: float | None = None) -> list[Delivery]:
+        """The next batch of rows to send (pending, or deferred and due), by id."""
+        now = time.time() if now is None else now
+        rows = self.db.execute(
+            "SELECT id, email, name, fields, rkey, attempts FROM deliveries"
+            " WHERE issue = ? AND id > ? AND (state = 'pending' OR (state = 'deferred' AND next_try <= ?))"
+            " ORDER BY id LIMIT ?", (issue, after_id, now, batch_size)).fetchall()
+        return [Delivery(i, e, n, json.loads(f) if f else {}, k, a) for i, e, n, f, k, a in rows]
+
+    def blocked(self, emails: list[str]) -> set[str]:
+        """Which of these addresses must not be sent to now (checked again right before sending)."""
+        if not emails:
+            return set()
+        marks = ",".join("?" * len(emails))
+        rows = self.db.execute(
+            f"SELECT email FROM suppressions WHERE email IN ({marks}) UNION "
+            f"SELECT email FROM subscribers WHERE email IN ({marks}) AND status != 'subscribed'", emails + emails)
+        return {e.lower() for (e,) in rows}
+
+    def next_retry(self, issue: str) -> float | None:
+        row = self.db.execute("SELECT min(next_try) FROM deliveries WHERE issue = ? AND state = 'deferred'",
+                              (issue,)).fetchone()
+        return row[0]
+
+    def mark(self, delivery_id: int, state: str, reply: str | None = None, next_try: float = 0,
+             count_attempt: bool = False) -> None:
+        self.db.execute(
+            "UPDATE deliveries SET state = ?, reply = coalesce(?, reply), next_try = ?, updated_at = ?,"
+            " attempts = attempts + ? WHERE id = ?",
+            (state, reply, next_try, now_iso(), 1 if count_attempt else 0, delivery_id))
+
+    def in_flight(self, issue: str) -> list[tuple[str, str | None]]:
+        return self.db.execute("SELECT email, updated_at FROM deliveries WHERE issue = ? AND state = 'sending'"
+                               " ORDER BY id", (issue,)).fetchall()
+
+    def requeue_in_flight(self, issue: str) -> int:
+        cur = self.db.execute(
+            "UPDATE deliveries SET state = 'pending', reply = 'interrupted while sending; sent again',"
+            " updated_at = ? WHERE issue = ? AND state = 'sending'", (now_iso(), issue))
+        return cur.rowcount
+
+    def counts(self, issue: str) -> dict[str, int]:
+        found = dict(self.db.execute("SELECT state, count(*) FROM deliveries WHERE issue = ? GROUP BY state",
+                                     (issue,)))
+        return {state: found.get(state, 0) for state in STATES}
+
+    def problems(self, issue: str, limit: int = 50) -> list[tuple[str, str, str, int]]:
+        return self.db.execute(
+            "SELECT email, state, coalesce(reply, ''), attempts FROM deliveries"
+            " WHERE issue = ? AND state IN ('failed', 'deferred') ORDER BY state, email LIMIT ?",
+            (issue, limit)).fetchall()
+
+    def issues(self) -> list[str]:
+        return [i for (i,) in self.db.execute("SELECT DISTINCT issue FROM deliveries ORDER BY issue")]
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
