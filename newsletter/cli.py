@@ -202,8 +202,11 @@ def run_send(args) -> int:
               f"{c['failed']} failed, {c['skipped']} skipped")
     if summary.stopped:
         print(f"stopped: {summary.stopped}", file=sys.stderr)
-    if args.backend == "outbox" or (not args.backend and "outbox" in summary.backend):
-        print(f"messages are in {summary.backend.removeprefix('outbox ')}")
+    if summary.counts and not sum(summary.counts.values()):
+        print("nobody to send to: add subscribers with `newsletter subscribers import FILE.csv`, "
+              "or pass --to FILE.csv", file=sys.stderr)
+    if summary.backend == "outbox":
+        print(f"messages are in {summary.backend_detail.removeprefix('outbox ')}")
     if run["failed"]:
         return EXIT_INVALID
     if run["deferred"] or (summary.counts and (summary.counts["deferred"] or summary.counts["pending"])):

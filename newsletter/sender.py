@@ -53,7 +53,8 @@ class Progress:
 @dataclass
 class SendSummary:
     issue: str
-    backend: str
+    backend: str  # its name
+    backend_detail: str = ""  # where it sends: folder, host and port
     counts: dict[str, int] = field(default_factory=dict)  # the ledger after the run
     this_run: dict[str, int] = field(default_factory=lambda: {SENT: 0, DEFERRED: 0, FAILED: 0, "skipped": 0})
     resent_in_flight: list[str] = field(default_factory=list)
@@ -117,8 +118,9 @@ def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | No
     factory = MessageFactory(rendered, config, signer, test_send=bool(test_addresses))
 
     if test_addresses:
-        return _send_test(factory, signer, test_addresses, backend or get_backend(backend_name, config, issue.stem),
-                          summary, dry_run, progress)
+        # Test messages go to a folder of their own, never among the real send's files.
+        backend = backend or get_backend(backend_name, config, f"{issue.stem}-test")
+        return _send_test(factory, signer, test_addresses, backend, summary, dry_run, progress)
 
     with Store(config.store.path) as store:
         if dry_run:
@@ -133,7 +135,7 @@ def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | No
                 store.enqueue_subscribers(issue.stem, signer.recipient_key)
             summary.this_run["skipped"] += store.skip_blocked(issue.stem)
             backend = backend or get_backend(backend_name, config, issue.stem)
-            summary.backend = backend.describe()
+            summary.backend_detail = backend.describe()
             try:
                 asyncio.run(_deliver(store, issue.stem, factory, backend, config, summary, progress))
             finally:
@@ -278,7 +280,7 @@ def _send_test(factory, signer, addresses, backend, summary, dry_run, progress) 
         finally:
             await worker.close()
 
-    summary.backend = backend.describe()
+    summary.backend_detail = backend.describe()
     progress.start(len(messages), backend.describe())
     try:
         asyncio.run(run())

@@ -1,0 +1,571 @@
+"""Benchmark: how fast `newsletter send` pushes messages over SMTP, next to postfix's smtp-source, in one run.
+
+Both talk to ONE postfix ``smtp-sink`` on 127.0.0.1 (a free port; it advertises PIPELINING
+and throws every message away), so the figures are comparable on whatever machine runs this:
+
+1. ours: a real ``python -m newsletter send ISSUE --config TMP/newsletter.toml`` process
+   (backend smtp, security none, S connections, connections never recycled) against a
+   fresh store of N subscribers; wall time from spawn to exit, so it includes Python
+   start-up, rendering the issue and queueing N ledger rows. Checked afterwards: exit
+   status 0, the ledger holds N ``sent`` rows, the sink counted N more messages.
+   For context: the same send in-process, ``send_issue(...)`` on another fresh store.
+2. anchor: ``smtp-source -s S -m N -l L -d`` (S parallel sessions, N messages in all,
+   ``-d`` keeps each connection for the next message), with L chosen so that its messages
+   are as big on the wire as ours (the issue's are about 40 KB). smtp-source speaks plain
+   SMTP without PIPELINING (four round trips a message; ours are two) and keeps no ledger.
+   Repeats (``--repeat R``) alternate ours and smtp-source: A B A B ...
+   Goal: ours / smtp-source >= 0.6 messages/s (aim 1.0).
+3. memory: peak RSS of ``newsletter send ISSUE --dry-run`` (builds every message, sends
+   nothing, records nothing) against a store of 1,000,000 subscribers, from wait4() on
+   that child alone; and its rate in messages built per second. Goal: under 200 MB.
+
+smtp-sink and smtp-source come with the Debian package ``postfix``; the postfix daemon is
+not used. If they are missing and this runs as root with apt-get, the package is installed
+(DEBIAN_FRONTEND=noninteractive) and the daemon is stopped if the install started it.
+
+Run it from anywhere with the project's venv python:
+
+    .venv/bin/python bench/send.py            # N = 20,000, memory store 1,000,000; a few minutes
+    .venv/bin/python bench/send.py --quick    # N = 2,000, memory store 100,000
+    .venv/bin/python bench/send.py --profile  # also cProfile the in-process send
+
+Exit status: 0 when everything ran (even if a goal is missed; the table says so), 1 when
+something failed to run or a check failed, 2 when the project cannot be imported or the
+postfix tools are missing. Standard library only, plus the project itself. All traffic
+stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import pwd
+import re
+import shlex
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ISSUE = "issues/2021-08-13-china-taliban.yaml"
+CONFIG = "newsletter.toml"
+SENDER = "brief@watchman.example"  # smtp-source's envelope, like ours
+RECIPIENT = "reader@example.com"
+HELO = "localhost"  # both sides: no hostname lookups
+
+RATIO_GOAL, RATIO_AIM = 0.6, 1.0
+MEMORY_GOAL_MB = 200.0
+INSTALL_HELP = ("smtp-sink and smtp-source come with postfix: "
+                "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y postfix && sudo postfix stop "
+                "(the daemon is not needed; Fedora: dnf install postfix; macOS: they are not shipped)")
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(f"bench/send.py: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- the postfix tools --------------------------------------------------------------------------
+
+def find_tool(name: str) -> str | None:
+    return shutil.which(name) or next((str(p) for p in (Path("/usr/sbin") / name, Path("/usr/lib/postfix") / name)
+                                       if p.is_file() and os.access(p, os.X_OK)), None)
+
+
+def postfix_running() -> bool:
+    postfix = find_tool("postfix")
+    if postfix is None:
+        return False
+    return subprocess.run([postfix, "status"], capture_output=True).returncode == 0
+
+
+def ensure_tools() -> tuple[str, str]:
+    sink, source = find_tool("smtp-sink"), find_tool("smtp-source")
+    if sink and source:
+        return sink, source
+    apt = shutil.which("apt-get")
+    if os.geteuid() != 0 or apt is None:
+        fail(f"smtp-sink/smtp-source not found. {INSTALL_HELP}", code=2)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    was_running = postfix_running()
+    for command in ([apt, "install", "-y", "-q", "postfix"], [apt, "update", "-q"], [apt, "install", "-y", "-q", "postfix"]):
+        note(f"installing postfix for smtp-sink/smtp-source (one time): {shlex.join(command)}")
+        done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode == 0 and "install" in command:
+            break
+    if not was_running and postfix_running():  # the bench needs no MTA listening on port 25
+        subprocess.run([find_tool("postfix") or "postfix", "stop"], capture_output=True)
+        note("stopped the postfix daemon that the install started (the bench does not use it)")
+    sink, source = find_tool("smtp-sink"), find_tool("smtp-source")
+    if not (sink and source):
+        fail(f"installing postfix did not provide smtp-sink/smtp-source. {INSTALL_HELP}", code=2)
+    return sink, source
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sink:
+    """One smtp-sink for the whole run; ``-c`` counters (sessions, messages) let us check
+    that each side delivered what it claims."""
+
+    def __init__(self, binary: str, folder: Path):
+        self.port = free_port()
+        self.log = folder / "smtp-sink.out"
+        self.command = [binary, "-c"]
+        if os.geteuid() == 0:  # it refuses to run as root without -u
+            self.command += ["-u", "nobody" if _user_exists("nobody") else "daemon"]
+        self.command += [f"127.0.0.1:{self.port}", "256"]
+        self.out = open(self.log, "wb")
+        self.proc = subprocess.Popen(self.command, stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            if self.proc.poll() is not None:
+                fail(f"smtp-sink exited at once ({self.proc.returncode}): {self.log.read_text(errors='replace')}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    greeting = s.recv(512)
+                    s.sendall(b"EHLO localhost\r\n")
+                    ehlo = b""
+                    while not re.search(rb"(^|\n)250 [^\n]*\n", ehlo):
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            break
+                        ehlo += chunk
+                    s.sendall(b"QUIT\r\n")
+                    s.recv(512)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    fail(f"smtp-sink did not start listening on 127.0.0.1:{self.port}")
+                time.sleep(0.05)
+        if not greeting.startswith(b"220") or b"PIPELINING" not in ehlo:
+            fail(f"smtp-sink on 127.0.0.1:{self.port} does not advertise PIPELINING: {ehlo!r}")
+        self.pipelining = True
+
+    def counters(self) -> tuple[int, int]:
+        """(sessions ended, messages accepted) so far."""
+        self.out.flush()
+        time.sleep(0.05)  # let it write the counter for the last QUIT
+        found = re.findall(rb"sess=(\d+) quit=\d+ mesg=(\d+)", self.log.read_bytes()[-400:])
+        return (int(found[-1][0]), int(found[-1][1])) if found else (0, 0)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.out.close()
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+# -- our side: settings, stores ---------------------------------------------------------------------
+
+def write_config(folder: Path, store: Path) -> Path:
+    """The repo's newsletter.toml, with [design] templates pointing at the repo's templates
+    and [store] path at ``store``."""
+    wanted = {"design": ("templates", str(ROOT / "templates")), "store": ("path", str(store))}
+    section, out, done = None, [], set()
+
+    def close_section():  # the key was not in its section: add it at the section's end
+        if section in wanted and section not in done:
+            key, value = wanted[section]
+            out.append(f"{key} = {json.dumps(value)}")
+            done.add(section)
+
+    for line in (ROOT / CONFIG).read_text(encoding="utf-8").splitlines():
+        if m := re.match(r"\s*\[([A-Za-z_]+)\]", line):
+            close_section()
+            section = m.group(1)
+        elif (m := re.match(r"\s*([A-Za-z_]+)\s*=", line)) and section in wanted and m.group(1) == wanted[section][0]:
+            out.append(f"{m.group(1)} = {json.dumps(wanted[section][1])}")
+            done.add(section)
+            continue
+        out.append(line)
+    close_section()
+    for section in wanted.keys() - done:  # sections the file lacks
+        key, value = wanted[section]
+        out.append(f"\n[{section}]\n{key} = {json.dumps(value)}")
+    path = folder / "newsletter.toml"
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return path
+
+
+def make_store(path: Path, count: int) -> None:
+    """``count`` subscribed addresses, inserted with executemany in one transaction."""
+    from newsletter.store import Store, now_iso
+
+    Store(path).close()  # the schema
+    db = sqlite3.connect(path, isolation_level=None)
+    stamp = now_iso()
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO subscribers (email, name, fields, changed_at, changed_how) VALUES (?, ?, NULL, ?, ?)",
+                   ((f"reader{i:07d}@example.com", f"Reader {i}", stamp, "bench") for i in range(count)))
+    db.execute("COMMIT")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+
+
+def fresh_copy(template: Path, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "newsletter.sqlite3"
+    shutil.copyfile(template, target)
+    return target
+
+
+def ledger_counts(store: Path, issue: str) -> dict[str, int]:
+    db = sqlite3.connect(store)
+    try:
+        return dict(db.execute("SELECT state, count(*) FROM deliveries WHERE issue = ? GROUP BY state", (issue,)))
+    finally:
+        db.close()
+
+
+def average_message_size(config_path: Path, env: dict[str, str], store: Path) -> tuple[float, float]:
+    """Our messages' average size: content bytes, and bytes on the wire (dot-stuffed, with
+    the closing ".")—built exactly as `send` builds them, for every subscriber."""
+    from newsletter.config import load_config
+    from newsletter.message import MessageFactory
+    from newsletter.reader import read_issue
+    from newsletter.render import Renderer
+    from newsletter.sender import make_signer
+
+    config = load_config(config_path, environ=env)
+    if config.store.path != store.resolve() or config.design.templates != (ROOT / "templates").resolve():
+        fail(f"{config_path}: store or templates not where the bench put them: {config.store.path}, "
+             f"{config.design.templates}")
+    if (config.send.backend, config.smtp.host, config.smtp.security) != ("smtp", "127.0.0.1", "none"):
+        fail(f"the NEWSLETTER_* overrides did not take: {config.send.backend} {config.smtp}")
+    rendered = Renderer(config).render(read_issue(ROOT / ISSUE))
+    signer = make_signer(config, allow_ephemeral=False, warnings=[])
+    factory = MessageFactory(rendered, config, signer)
+    db = sqlite3.connect(store)
+    content = wire = count = 0
+    for email, name in db.execute("SELECT email, name FROM subscribers"):
+        data = factory.build(email, name, signer.recipient_key(email)).data
+        stuffed = data.replace(b"\r\n.", b"\r\n..")
+        content += len(data)
+        wire += len(stuffed) + (0 if stuffed.endswith(b"\r\n") else 2) + 3
+        count += 1
+    db.close()
+    return content / count, wire / count
+
+
+def smtp_source_length(wire_size: float) -> tuple[int, int]:
+    """(-l for smtp-source, its bytes on the wire). Its -l counts only the body lines; it
+    adds From, To, Date and Message-Id headers, a blank line, a CRLF after the body and
+    the closing "." (as a dump from smtp-sink -D shows)."""
+    date = "Sat, 28 Nov 2026 00:51:39 +0000 (UTC)"
+    headers = (f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nDate: {date}\r\n"
+               f"Message-Id: <0612.0003.0000@{HELO}>\r\n\r\n")
+    overhead = len(headers) + len("\r\n.\r\n")
+    length = max(1, round(wire_size - overhead))
+    return length, length + overhead
+
+
+# -- timing ---------------------------------------------------------------------------------------
+
+def run_child(command: list[str], env: dict[str, str] | None, folder: Path, what: str) -> tuple[float, int, str]:
+    """Run ``command`` in the repo root; (wall seconds, peak RSS in KB of that child alone
+    from wait4, its output). Exits on failure."""
+    out_path = folder / f"{what.split()[0]}.{time.monotonic_ns()}.out"
+    with open(out_path, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    output = out_path.read_text(encoding="utf-8", errors="replace")
+    if proc.returncode != 0:
+        sys.stderr.write(output)
+        fail(f"{what} failed (exit {proc.returncode}): {shlex.join(command)}")
+    return elapsed, usage.ru_maxrss, output
+
+
+def send_in_process(config_path: Path, env: dict[str, str], profile: cProfile.Profile | None = None):
+    from newsletter.config import load_config
+    from newsletter.sender import send_issue
+
+    config = load_config(config_path, environ=env)
+    start = time.perf_counter()
+    if profile:
+        profile.enable()
+    summary = send_issue(ROOT / ISSUE, config)
+    if profile:
+        profile.disable()
+    return time.perf_counter() - start, summary
+
+
+def check_sent(store: Path, n: int, what: str) -> None:
+    counts = ledger_counts(store, Path(ISSUE).stem)
+    if counts.get("sent", 0) != n or sum(counts.values()) != n:
+        fail(f"{what}: the ledger should hold {n} sent rows, it holds {counts}")
+
+
+def tool_version(command: list[str]) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except OSError as exc:
+        return f"unavailable ({exc})"
+    return (done.stdout or done.stderr).strip().splitlines()[0] if done.returncode == 0 else "unavailable"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="N = 2,000 messages, memory store of 100,000")
+    parser.add_argument("--sessions", type=int, default=4, metavar="S",
+                        help="SMTP connections for both sides (default 4; ours allows 1 to 64)")
+    parser.add_argument("--messages", type=int, metavar="N", help="messages per run (default 20,000; --quick 2,000)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="R", help="runs of each side, alternated (default 1)")
+    parser.add_argument("--subscribers-for-memory", type=int, metavar="M",
+                        help="store size for the --dry-run memory figure (default 1,000,000; --quick 100,000; 0 skips)")
+    parser.add_argument("--profile", action="store_true", help="also cProfile one in-process send and print the top")
+    args = parser.parse_args()
+    n = args.messages or (2_000 if args.quick else 20_000)
+    memory_n = args.subscribers_for_memory if args.subscribers_for_memory is not None else (
+        100_000 if args.quick else 1_000_000)
+    sessions, repeat = args.sessions, max(1, args.repeat)
+    if not 1 <= sessions <= 64:
+        fail("--sessions must be from 1 to 64 (smtp.connections allows no more)")
+
+    try:
+        import newsletter  # noqa: F401
+        from newsletter.config import load_config  # noqa: F401
+        from newsletter.sender import send_issue  # noqa: F401
+    except ImportError as exc:
+        fail(f"cannot import the project ({exc}); run this with the project's venv python, "
+             f"e.g. .venv/bin/python bench/send.py", code=2)
+
+    sink_bin, source_bin = ensure_tools()
+    issue = Path(ISSUE).stem
+
+    with tempfile.TemporaryDirectory(prefix="newsletter-bench-send-") as tmp:
+        tmp_path = Path(tmp)
+        sink = Sink(sink_bin, tmp_path)
+        try:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+            env.update({
+                "NEWSLETTER_SECRET": "bench-secret-not-for-real-use-0123456789abcdef",
+                "NEWSLETTER_SEND_BACKEND": "smtp",
+                "NEWSLETTER_SMTP_HOST": "127.0.0.1",
+                "NEWSLETTER_SMTP_PORT": str(sink.port),
+                "NEWSLETTER_SMTP_SECURITY": "none",
+                "NEWSLETTER_SMTP_CONNECTIONS": str(sessions),
+                "NEWSLETTER_SMTP_MESSAGES_PER_CONNECTION": "1000000",
+                "NEWSLETTER_SMTP_HELO_NAME": HELO,
+            })
+            note(f"building a store of {n:,} subscribers ...")
+            template = tmp_path / "template.sqlite3"
+            make_store(template, n)
+            note("measuring our message size ...")
+            content_size, wire_size = average_message_size(write_config(tmp_path, template), env, template)
+            length, source_wire = smtp_source_length(wire_size)
+
+            ours_cmd_shown = [sys.executable, "-m", "newsletter", "send", ISSUE, "--config", "TMP/newsletter.toml"]
+            source_cmd = [source_bin, "-s", str(sessions), "-m", str(n), "-l", str(length), "-d", "-M", HELO,
+                          "-f", SENDER, "-t", RECIPIENT, f"127.0.0.1:{sink.port}"]
+
+            ours_times: list[float] = []
+            inproc_times: list[float] = []
+            source_times: list[float] = []
+            ours_sessions = source_sessions = 0
+            for r in range(repeat):
+                # A: our send, as a process.
+                run_dir = tmp_path / f"run{r}"
+                store = fresh_copy(template, run_dir)
+                config_path = write_config(run_dir, store)
+                ours_cmd = [sys.executable, "-m", "newsletter", "send", ISSUE, "--config", str(config_path)]
+                note(f"[{r + 1}/{repeat}] newsletter send, {n:,} messages, {sessions} connections ...")
+                s0, m0 = sink.counters()
+                elapsed, _, output = run_child(ours_cmd, env, tmp_path, "newsletter send")
+                s1, m1 = sink.counters()
+                check_sent(store, n, "newsletter send")
+                if m1 - m0 != n:
+                    fail(f"newsletter send: smtp-sink counted {m1 - m0} messages, not {n}")
+                if f"sent {n}," not in output:
+                    fail(f"newsletter send: unexpected output:\n{output}")
+                ours_times.append(elapsed)
+                ours_sessions = s1 - s0
+
+                # B: smtp-source.
+                note(f"[{r + 1}/{repeat}] smtp-source, {n:,} messages, {sessions} sessions ...")
+                elapsed, _, _ = run_child(source_cmd, None, tmp_path, "smtp-source")
+                s2, m2 = sink.counters()
+                if m2 - m1 != n:
+                    fail(f"smtp-source: smtp-sink counted {m2 - m1} messages, not {n}")
+                source_times.append(elapsed)
+                source_sessions = s2 - s1
+
+                # Context: the same send in-process, on another fresh store.
+                inproc_dir = tmp_path / f"inproc{r}"
+                store = fresh_copy(template, inproc_dir)
+                note(f"[{r + 1}/{repeat}] send_issue in-process ...")
+                elapsed, summary = send_in_process(write_config(inproc_dir, store), env)
+                check_sent(store, n, "send_issue")
+                if summary.this_run["sent"] != n:
+                    fail(f"send_issue: sent {summary.this_run}")
+                inproc_times.append(elapsed)
+
+            profile_text = None
+            if args.profile:
+                prof_dir = tmp_path / "profile"
+                store = fresh_copy(template, prof_dir)
+                note("profiling send_issue in-process (cProfile) ...")
+                profile = cProfile.Profile()
+                send_in_process(write_config(prof_dir, store), env, profile)
+                check_sent(store, n, "send_issue (profiled)")
+                buf = io.StringIO()
+                stats = pstats.Stats(profile, stream=buf).strip_dirs()
+                stats.sort_stats("tottime").print_stats(20)
+                stats.sort_stats("cumulative").print_stats(25)
+                profile_text = buf.getvalue()
+        finally:
+            sink.stop()
+
+        # Memory: --dry-run against a big store.
+        memory = None
+        if memory_n > 0:
+            note(f"building a store of {memory_n:,} subscribers for the memory figure ...")
+            mem_dir = tmp_path / "memory"
+            mem_dir.mkdir()
+            start = time.perf_counter()
+            make_store(mem_dir / "newsletter.sqlite3", memory_n)
+            store_seconds = time.perf_counter() - start
+            mem_cmd = [sys.executable, "-m", "newsletter", "send", ISSUE, "--dry-run",
+                       "--config", str(write_config(mem_dir, mem_dir / "newsletter.sqlite3"))]
+            note(f"newsletter send --dry-run over {memory_n:,} subscribers ...")
+            elapsed, maxrss_kb, output = run_child(mem_cmd, env, tmp_path, "newsletter send --dry-run")
+            if f"built {memory_n} message" not in output:
+                fail(f"--dry-run: unexpected output:\n{output}")
+            if ledger_counts(mem_dir / "newsletter.sqlite3", issue):
+                fail("--dry-run recorded deliveries in the ledger")
+            memory = (elapsed, maxrss_kb / 1024, store_seconds)
+
+    # Report.
+    med = statistics.median
+    ours_s, source_s, inproc_s = med(ours_times), med(source_times), med(inproc_times)
+    ours_rate, source_rate, inproc_rate = n / ours_s, n / source_s, n / inproc_s
+    ratio, inproc_ratio = ours_rate / source_rate, inproc_rate / source_rate
+    ratio_ok = ratio >= RATIO_GOAL
+    memory_ok = memory is None or memory[1] < MEMORY_GOAL_MB
+
+    def verdict(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
+    runs = f"median of {repeat}" if repeat > 1 else "1 run"
+    rows = [
+        (f"ours: `newsletter send` process ({runs})", f"{ours_rate:10,.0f} msg/s", f"{ours_s:7.2f} s", "", ""),
+        (f"  context: send_issue() in-process ({runs})", f"{inproc_rate:10,.0f} msg/s", f"{inproc_s:7.2f} s", "", ""),
+        (f"anchor: smtp-source -d, -l {length} ({runs})", f"{source_rate:10,.0f} msg/s", f"{source_s:7.2f} s", "", ""),
+        ("ratio ours / smtp-source", f"{ratio:10.2f} x", "", f">= {RATIO_GOAL:g} x (aim {RATIO_AIM:g})",
+         verdict(ratio_ok)),
+        ("  context: in-process / smtp-source", f"{inproc_ratio:10.2f} x", "", "", ""),
+    ]
+    if memory:
+        mem_s, mem_mb, _ = memory
+        rows += [
+            (f"peak RSS, `send --dry-run`, {memory_n:,} subscribers", f"{mem_mb:10.1f} MB", f"{mem_s:7.2f} s",
+             f"< {MEMORY_GOAL_MB:g} MB", verdict(memory_ok)),
+            ("  dry run: messages built per second", f"{memory_n / mem_s:10,.0f} msg/s", "", "", ""),
+        ]
+    headers = ("figure", "value", "time", "goal", "status")
+    widths = [max(len(r[i]) for r in (headers, *rows)) for i in range(len(headers))]
+
+    def line(cells) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    postfix_version = tool_version([find_tool("postconf") or "postconf", "-d", "-h", "mail_version"])
+    flags = (" --quick" * args.quick + (f" --sessions {sessions}" if sessions != 4 else "")
+             + (f" --messages {n}" if args.messages else "") + (f" --repeat {repeat}" if repeat > 1 else "")
+             + (f" --subscribers-for-memory {memory_n}" if args.subscribers_for_memory is not None else "")
+             + " --profile" * args.profile)
+    rerun = f"cd {shlex.quote(str(ROOT))} && {shlex.quote(sys.executable)} bench/send.py{flags}"
+
+    print(f"newsletter send benchmark: {ISSUE}, {n:,} messages over {sessions} SMTP sessions to one smtp-sink"
+          f" on 127.0.0.1 (PIPELINING advertised; ours uses it, smtp-source cannot)")
+    print(f"machine: {platform.system()} {platform.machine()}, {cpu_model()}, nproc {affinity}"
+          f" (cpu_count {os.cpu_count()}), Python {platform.python_version()}, postfix {postfix_version}"
+          f" (smtp-sink, smtp-source), SQLite {sqlite3.sqlite_version}")
+    print(f"message size: ours {content_size / 1024:.1f} KB on average ({content_size:,.0f} bytes; {wire_size:,.0f}"
+          f" on the wire, dot-stuffed), smtp-source -l {length} -> {source_wire:,} bytes"
+          f" on the wire with its own headers, the same size")
+    print(f"sessions used (smtp-sink's count): ours {ours_sessions}, smtp-source {source_sessions};"
+          f" runs alternated A B A B; ours is wall time of the whole process (start-up, render, queueing"
+          f" {n:,} ledger rows, sending)")
+    print()
+    print(line(headers))
+    print(line(["-" * w for w in widths]))
+    for row in rows:
+        print(line(row))
+    print()
+    print(f"checked: exit status 0, ledger {n:,} sent, smtp-sink counted {n:,} messages from each side"
+          + (f"; --dry-run recorded nothing (store of {memory_n:,} built in {memory[2]:.1f} s)" if memory else ""))
+    if args.quick:
+        print(f"--quick: {n:,} messages" + (f" and a memory store of {memory_n:,} subscribers" if memory else "")
+              + " (the full run uses 20,000 and 1,000,000; quick figures are rough)")
+    print(f"ours:        {shlex.join(ours_cmd_shown)}")
+    print(f"             env NEWSLETTER_SEND_BACKEND=smtp NEWSLETTER_SMTP_HOST=127.0.0.1 NEWSLETTER_SMTP_PORT=PORT"
+          f" NEWSLETTER_SMTP_SECURITY=none NEWSLETTER_SMTP_CONNECTIONS={sessions}"
+          f" NEWSLETTER_SMTP_MESSAGES_PER_CONNECTION=1000000 NEWSLETTER_SMTP_HELO_NAME={HELO} NEWSLETTER_SECRET=...")
+    print(f"anchor:      {shlex.join(['smtp-source', *source_cmd[1:-1], '127.0.0.1:PORT'])}")
+    print(f"sink:        {shlex.join(['smtp-sink', *sink.command[1:-2], '127.0.0.1:PORT', '256'])}")
+    if memory:
+        print(f"memory:      {shlex.join([sys.executable, '-m', 'newsletter', 'send', ISSUE, '--dry-run', '--config', 'TMP/newsletter.toml'])}"
+              " (peak RSS of that child from wait4)")
+    print(f"rerun: {rerun}")
+    if not (ratio_ok and memory_ok):
+        print("goal missed: " + "; ".join(
+            text for ok, text in (
+                (ratio_ok, f"ours is {ratio:.2f}x smtp-source's messages/s, under {RATIO_GOAL:g}x"),
+                (memory_ok, f"peak RSS {memory[1] if memory else 0:.0f} MB is over {MEMORY_GOAL_MB:g} MB"),
+            ) if not ok) + ("" if args.profile else " (rerun with --profile to see where the time goes)"))
+    if profile_text:
+        print()
+        print("cProfile of one in-process send_issue():")
+        print(profile_text.rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
