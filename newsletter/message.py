@@ -17,7 +17,8 @@ import binascii
 import datetime as dt
 import hashlib
 import html
-from dataclasses import dataclass
+import re
+from functools import cached_property
 from email.header import Header
 from email.utils import format_datetime, formataddr
 from urllib.parse import quote
@@ -29,27 +30,79 @@ from .render import PLACEHOLDERS, Rendered
 from .tokens import Signer
 
 CRLF = b"\r\n"
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 SOFT_BREAK = b"=\r\n"
+QP_LINE = 76  # RFC 2045: encoded lines at most 76 characters
 UNSUBSCRIBE = PLACEHOLDERS["unsubscribe_url"]
 
 
 def _qp(text: str) -> bytes:
     data = text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")
-    return binascii.b2a_qp(data, istext=True)
+    # b2a_qp takes its line end from the input's first one: text with none gets bare LFs.
+    encoded = _BARE_LF.sub(b"\r\n", binascii.b2a_qp(data, istext=True))
+    # ... and it can leave a line of 77 octets (74 characters, then a space as =20).
+    if any(len(line) > QP_LINE for line in encoded.split(CRLF)):
+        encoded = CRLF.join(_split_qp_line(line) for line in encoded.split(CRLF))
+    return encoded
+
+
+def _split_qp_line(line: bytes, room: int = QP_LINE) -> bytes:
+    """Cut an encoded line into pieces of at most `room` octets, the last piece included,
+    with soft line breaks, never inside an =XX escape."""
+    pieces = []
+    while len(line) > room:
+        cut = room - 1  # leave room for the "="
+        while b"=" in line[cut - 2:cut]:
+            cut -= 1
+        pieces.append(line[:cut])
+        line = line[cut:]
+    pieces.append(line)
+    return SOFT_BREAK.join(pieces)
+
+
+def _soft_break_at_end(encoded: bytes) -> bytes:
+    """End quoted-printable text with a soft line break, every line within 76 octets."""
+    start = encoded.rfind(b"\n") + 1
+    return encoded[:start] + _split_qp_line(encoded[start:], QP_LINE - 1) + SOFT_BREAK
 
 
 def _header(name: str, value: str) -> bytes:
-    """One header line; non-ASCII values RFC 2047-encoded and folded."""
-    if value.isascii() and len(name) + len(value) < 996:
+    """One header line: non-ASCII values RFC 2047-encoded, long ones folded at spaces."""
+    if not value.isascii():
+        value = Header(value, "utf-8", header_name=name, maxlinelen=76).encode(linesep="\r\n")
         return f"{name}: {value}".encode("ascii") + CRLF
-    encoded = Header(value, "utf-8", header_name=name, maxlinelen=76).encode(linesep="\r\n")
-    return f"{name}: {encoded}".encode("ascii") + CRLF
+    return _fold(f"{name}: {value}").encode("ascii") + CRLF
+
+
+def _encoded_words(text: str) -> str:
+    """RFC 2047 encoded words of at most 75 characters, separated by spaces (folded later)."""
+    return Header(text, "utf-8", maxlinelen=75).encode(linesep=" ")
+
+
+def _fold(line: str, width: int = 78) -> str:
+    """Fold an ASCII header at spaces so that no line is longer than `width` where it can be."""
+    if len(line) <= width:
+        return line
+    lines, current = [], ""
+    for word in line.split(" "):
+        if current and len(current) + 1 + len(word) > width:
+            lines.append(current)
+            current = " " + word
+        else:
+            current = f"{current} {word}" if current else word
+    lines.append(current)
+    return "\r\n".join(lines)
 
 
 def _address(name: str | None, address: str) -> str:
-    if name and one_line_problem(name):
-        name = None  # a name that could break the header is dropped, never passed through
-    return formataddr((name, address), charset="utf-8") if name else address
+    """`Name <address>` for a header: an ASCII name quoted as needed, any other encoded
+    as RFC 2047 words of at most 75 characters (folded by _header); a name that could
+    break the header is dropped, never passed through."""
+    if not name or one_line_problem(name):
+        return address
+    if name.isascii():
+        return formataddr((name, address))
+    return f"{_encoded_words(name)} <{address}>"
 
 
 class _SplicedBody:
@@ -62,22 +115,72 @@ class _SplicedBody:
 
     @staticmethod
     def _close_line(encoded: bytes) -> bytes:
-        return encoded if encoded.endswith(CRLF) or not encoded else encoded + SOFT_BREAK
+        return encoded if encoded.endswith(CRLF) or not encoded else _soft_break_at_end(encoded)
 
     def fill(self, unsubscribe_url: str) -> bytes:
         if len(self.pieces) == 1:
             return self.pieces[0]
         value = html.escape(unsubscribe_url, quote=True) if self.escape else unsubscribe_url
-        encoded = _qp(value) + SOFT_BREAK
-        return encoded.join(self.pieces)
+        return _soft_break_at_end(_qp(value)).join(self.pieces)
 
 
-@dataclass(frozen=True)
 class Message:
-    sender: str  # envelope MAIL FROM
-    recipient: str  # envelope RCPT TO
-    message_id: str
-    data: bytes  # the whole message, CRLF line ends, not dot-stuffed
+    """One recipient's message. What a backend needs is made on first use: the whole
+    RFC 5322 bytes (SMTP, outbox, SES) or the parts (the HTTP APIs that take fields)."""
+
+    def __init__(self, factory: "MessageFactory", recipient: str, name: str | None, rkey: str,
+                 now: dt.datetime | None = None):
+        self.factory = factory
+        self.sender = factory.envelope_sender  # envelope MAIL FROM
+        self.recipient = recipient  # envelope RCPT TO
+        self.name = name
+        self.rkey = rkey
+        self.message_id = f"<{factory.id_prefix}.{rkey}@{factory.domain}>"
+        token = factory.signer.token(rkey)
+        self.unsubscribe_url = factory.unsubscribe_url.replace("{token}", token)
+        entries = [f"<{self.unsubscribe_url}>"]
+        if factory.unsubscribe_mailto:
+            entries.append(f"<mailto:{factory.unsubscribe_mailto}?subject={quote('unsubscribe ' + token)}>")
+        self.list_unsubscribe = ", ".join(entries)  # never encoded: RFC 8058 readers need it literal
+        self._now = now
+
+    @property
+    def to(self) -> str:
+        """`Name <address>` as a header value, RFC 2047-encoded where needed."""
+        return _address(self.name, self.recipient)
+
+    @property
+    def html(self) -> str:
+        return self.factory.rendered.html.replace(UNSUBSCRIBE, html.escape(self.unsubscribe_url, quote=True))
+
+    @property
+    def text(self) -> str:
+        return self.factory.rendered.text.replace(UNSUBSCRIBE, self.unsubscribe_url)
+
+    def headers(self) -> dict[str, str]:
+        """The headers a provider API is given besides From, To, Subject and Reply-To."""
+        return {"List-Unsubscribe": self.list_unsubscribe,
+                "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+                "List-Id": self.factory.list_id,
+                "X-Newsletter-Message-Id": self.message_id.strip("<>")}
+
+    @cached_property
+    def data(self) -> bytes:
+        """The whole message, CRLF line ends, not dot-stuffed; DKIM-signed if configured."""
+        f = self.factory
+        now = self._now or dt.datetime.now(dt.timezone.utc)
+        data = b"".join((
+            _header("To", self.to),
+            b"Date: ", format_datetime(now).encode("ascii"), CRLF,
+            b"Message-ID: ", self.message_id.encode("ascii"), CRLF,
+            f.common_headers,
+            b"List-Unsubscribe: ", self.list_unsubscribe.replace(", ", ",\r\n ").encode("ascii"), CRLF,
+            b"\r\nThis is a multipart message in MIME format.\r\n",
+            f.text_start, f.text.fill(self.unsubscribe_url),
+            f.html_start, f.html.fill(self.unsubscribe_url),
+            f.end,
+        ))
+        return f.dkim.sign(data) if f.dkim else data
 
 
 class MessageFactory:
@@ -87,6 +190,7 @@ class MessageFactory:
         if not pub.unsubscribe_url:
             raise ConfigError([f"{config.path}: publication.unsubscribe_url: required to send "
                                "(one-click unsubscribe URL with {token}, e.g. https://example.com/u/{token})"])
+        self.rendered = rendered
         self.signer = signer
         self.unsubscribe_url = pub.unsubscribe_url
         self.unsubscribe_mailto = pub.unsubscribe_mailto
@@ -98,13 +202,17 @@ class MessageFactory:
         self.id_prefix = f"{rendered.issue.stem}.{digest[:10]}" + (".test" if test_send else "")
         self.boundary = f"=_nl_{digest[:32]}"  # "=_" never occurs in quoted-printable text
         self.test_send = test_send
+        self.subject = ("[TEST] " if test_send else "") + rendered.subject
+        self.from_address = _address(sender.name, sender.address)
+        self.reply_to = sender.reply_to
+        self.list_id = f"{_list_name(pub.name)} <{pub.list_id}>"
 
         head = [
-            _header("From", _address(sender.name, sender.address)),
+            _header("From", self.from_address),
             _header("Reply-To", sender.reply_to) if sender.reply_to else b"",
-            _header("Subject", ("[TEST] " if test_send else "") + rendered.subject),
+            _header("Subject", self.subject),
             b"MIME-Version: 1.0\r\n",
-            _header("List-Id", f"{_list_name(pub.name)} <{pub.list_id}>"),
+            _header("List-Id", self.list_id),
             b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
             f'Content-Type: multipart/alternative; boundary="{self.boundary}"\r\n'.encode("ascii"),
         ]
@@ -117,33 +225,8 @@ class MessageFactory:
         self.text = _SplicedBody(rendered.text, escape_values=False)
         self.html = _SplicedBody(rendered.html, escape_values=True)
 
-    def unsubscribe_for(self, rkey: str) -> tuple[str, bytes]:
-        token = self.signer.token(rkey)
-        url = self.unsubscribe_url.replace("{token}", token)
-        entries = [f"<{url}>"]
-        if self.unsubscribe_mailto:
-            entries.append(f"<mailto:{self.unsubscribe_mailto}?subject={quote('unsubscribe ' + token)}>")
-        # Folded between entries, never encoded: RFC 2369 and RFC 8058 readers need it literal.
-        return url, b"List-Unsubscribe: " + ",\r\n ".join(entries).encode("ascii") + CRLF
-
     def build(self, email: str, name: str | None, rkey: str, now: dt.datetime | None = None) -> Message:
-        url, list_unsubscribe = self.unsubscribe_for(rkey)
-        message_id = f"<{self.id_prefix}.{rkey}@{self.domain}>"
-        now = now or dt.datetime.now(dt.timezone.utc)
-        data = b"".join((
-            _header("To", _address(name, email)),
-            b"Date: ", format_datetime(now).encode("ascii"), CRLF,
-            b"Message-ID: ", message_id.encode("ascii"), CRLF,
-            self.common_headers,
-            list_unsubscribe,
-            b"\r\nThis is a multipart message in MIME format.\r\n",
-            self.text_start, self.text.fill(url),
-            self.html_start, self.html.fill(url),
-            self.end,
-        ))
-        if self.dkim:
-            data = self.dkim.sign(data)
-        return Message(self.envelope_sender, email, message_id, data)
+        return Message(self, email, name, rkey, now)
 
 
 class _DkimSigner:
@@ -167,7 +250,9 @@ class _DkimSigner:
 
 
 def _list_name(name: str) -> str:
-    # List-Id's phrase: quoted if it holds anything beyond atext and spaces.
-    if all(c.isalnum() or c in " !#$%&'*+-/=?^_`{|}~" for c in name) and name.isascii():
+    """List-Id's phrase (RFC 2919): as is, quoted, or RFC 2047-encoded; the <id> stays literal."""
+    if not name.isascii():
+        return _encoded_words(name)
+    if all(c.isalnum() or c in " !#$%&'*+-/=?^_`{|}~" for c in name):
         return name
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'

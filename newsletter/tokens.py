@@ -49,6 +49,8 @@ class Signer:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except (ValueError, TypeError):
             raise TokenError("not a token") from None
+        if _b64(raw) != token:  # only the canonical spelling: one token, one string
+            raise TokenError("not a token")
         payload, sig = raw[:-SIG_BYTES], raw[-SIG_BYTES:]
         if len(raw) != 1 + KEY_BYTES + TAG_BYTES + SIG_BYTES or payload[:1] != VERSION:
             raise TokenError("not a token")
