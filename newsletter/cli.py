@@ -71,7 +71,8 @@ def make_parser() -> argparse.ArgumentParser:
                                            "resumes, and nobody gets a second copy.")
     send.add_argument("issue", metavar="ISSUE", help="the issue file (or its name in issues/)")
     send.add_argument("--to", metavar="FILE.csv", type=Path, help="send to this list instead of the subscribers")
-    send.add_argument("--backend", choices=("outbox", "smtp"), help="override [send] backend")
+    send.add_argument("--backend", choices=("outbox", "smtp", "sendgrid", "mailgun", "postmark", "resend", "ses"),
+                      help="override [send] backend")
     send.add_argument("--test", nargs="+", metavar="ADDRESS",
                       help="send only to these addresses, marked [TEST]; not recorded as the real send")
     send.add_argument("--dry-run", action="store_true", help="build every message, send nothing, record nothing")

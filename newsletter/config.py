@@ -18,6 +18,8 @@ from .checks import one_line_problem, suggest, url_problem
 from .errors import ConfigError
 
 CONFIG_FILE = "newsletter.toml"
+BACKENDS = ("outbox", "smtp", "sendgrid", "mailgun", "postmark", "resend", "ses")
+API_BACKENDS = BACKENDS[2:]
 ENV_PREFIX = "NEWSLETTER_"
 
 
@@ -142,12 +144,38 @@ class Secret(Str):
         return value.strip()
 
 
+class HttpUrl(Str):
+    """http or https (a local test server speaks http); used for API base URLs."""
+
+    def validate(self, value):
+        value = super().validate(value).rstrip("/")
+        if problem := url_problem(value):
+            raise ValueError(problem)
+        return value
+
+
 class UrlWithToken(HttpsUrl):
     def validate(self, value):
         value = super().validate(value.replace("{token}", "TOKEN") if isinstance(value, str) else value)
         if "TOKEN" not in value:
             raise ValueError("must contain {token}, where each reader's unsubscribe token goes")
         return value.replace("TOKEN", "{token}")
+
+
+def _api_options(provider: str, base_url: str, batch: int, rate: float, extra: dict) -> dict[str, Option]:
+    """The settings every HTTP API backend has, with the provider's own defaults."""
+    return {
+        "base_url": HttpUrl(default=base_url or None,
+                            help="the API's address (another region, or a test server)"),
+        "api_key": Secret(help=f"from NEWSLETTER_{provider.upper()}_API_KEY"),
+        "batch_size": Int(default=batch, min=1, max=batch, help="messages a request; the provider's limit at most"),
+        "requests_in_flight": Int(default=4, min=1, max=64),
+        "requests_per_second": Seconds(default=rate, help="0 for no limit"),
+        "timeout": Seconds(default=30.0),
+        "max_retries": Int(default=4, min=0, max=20, help="for 429, 5xx, timeouts and connection errors"),
+        "retry_delay": Seconds(default=1.0, help="first wait before a retry; doubles each time, with jitter"),
+        **extra,
+    }
 
 
 SCHEMA: dict[str, dict[str, Option]] = {
@@ -177,7 +205,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "path": RelativePath(default="newsletter.sqlite3", help="the SQLite file of subscribers and sends"),
     },
     "send": {
-        "backend": Choice(("outbox", "smtp"), default="outbox"),
+        "backend": Choice(BACKENDS, default="outbox"),
         "outbox": RelativePath(default="outbox", help="folder the outbox backend writes .eml files to"),
         "batch_size": Int(default=500, min=1, max=100_000),
         "max_attempts": Int(default=5, min=1, max=100),
@@ -198,6 +226,17 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "timeout": Seconds(default=30.0),
         "helo_name": Str(help="the name given in EHLO (default: this machine's name)"),
     },
+    **{provider: _api_options(provider, url, batch, rate, extra) for provider, (url, batch, rate, extra) in {
+        "sendgrid": ("https://api.sendgrid.com", 1000, 0.0, {}),
+        "mailgun": ("https://api.mailgun.net", 1000, 0.0, {
+            "domain": Str(help="your Mailgun sending domain, e.g. mg.example.com")}),
+        "postmark": ("https://api.postmarkapp.com", 500, 0.0, {
+            "message_stream": Str(default="broadcast", help="a Broadcast stream's ID: newsletters must use one")}),
+        "resend": ("https://api.resend.com", 100, 2.0, {}),
+        "ses": ("", 1, 14.0, {
+            "region": Str(default="us-east-1"),
+            "configuration_set": Str(help="an SES configuration set for event publishing")}),
+    }.items()},
     "dkim": {
         "domain": Str(help="the signing domain (d=); DKIM is on when this and the key are set"),
         "selector": Str(default="newsletter"),
@@ -273,6 +312,21 @@ class Smtp:
 
 
 @dataclass(frozen=True)
+class Api:
+    """One HTTP API provider's settings; `extra` holds the provider's own (domain, region...)."""
+
+    base_url: str | None
+    api_key: str | None = field(repr=False)
+    batch_size: int
+    requests_in_flight: int
+    requests_per_second: float
+    timeout: float
+    max_retries: int
+    retry_delay: float
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Dkim:
     domain: str | None
     selector: str
@@ -293,6 +347,7 @@ class Config:
     send: Send
     smtp: Smtp
     dkim: Dkim
+    apis: dict[str, Api] = field(default_factory=dict)
 
 
 SECTIONS = {"publication": Publication, "sender": Sender, "design": Design, "store": Store,
@@ -371,7 +426,12 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     snd["name"] = snd["name"] or pub["name"]
     domain = snd["address"].rsplit("@", 1)[1].lower()
     pub["list_id"] = pub["list_id"] or f"{_slug(pub['name'])}.{domain}"
-    return Config(path=config_path, **{section: cls(**values[section]) for section, cls in SECTIONS.items()})
+    apis = {}
+    for provider in API_BACKENDS:
+        common = {k: v for k, v in values[provider].items() if k in Api.__dataclass_fields__}
+        apis[provider] = Api(**common, extra={k: v for k, v in values[provider].items() if k not in common})
+    return Config(path=config_path, apis=apis,
+                  **{section: cls(**values[section]) for section, cls in SECTIONS.items()})
 
 
 def _slug(text: str) -> str:

@@ -74,6 +74,12 @@ def _header(name: str, value: str) -> bytes:
     return _fold(f"{name}: {value}").encode("ascii") + CRLF
 
 
+def display_address(name: str | None, address: str) -> str:
+    if not name or one_line_problem(name):
+        return address
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + f'" <{address}>'
+
+
 def _encoded_words(text: str) -> str:
     """RFC 2047 encoded words of at most 75 characters, separated by spaces (folded later)."""
     return Header(text, "utf-8", maxlinelen=75).encode(linesep=" ")
@@ -150,6 +156,11 @@ class Message:
         return _address(self.name, self.recipient)
 
     @property
+    def display_to(self) -> str:
+        """`"Name" <address>` in plain UTF-8, for APIs that encode headers themselves."""
+        return display_address(self.name, self.recipient)
+
+    @property
     def html(self) -> str:
         return self.factory.rendered.html.replace(UNSUBSCRIBE, html.escape(self.unsubscribe_url, quote=True))
 
@@ -204,6 +215,8 @@ class MessageFactory:
         self.test_send = test_send
         self.subject = ("[TEST] " if test_send else "") + rendered.subject
         self.from_address = _address(sender.name, sender.address)
+        self.display_from = display_address(sender.name, sender.address)
+        self.sender_name = sender.name
         self.reply_to = sender.reply_to
         self.list_id = f"{_list_name(pub.name)} <{pub.list_id}>"
 

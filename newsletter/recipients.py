@@ -25,6 +25,12 @@ class Recipient:
     email: str
     name: str | None = None
     fields: dict[str, str] = field(default_factory=dict, compare=False)
+    status: str = "subscribed"  # a CSV's `status` column (e.g. an export) is honoured
+
+
+STATUSES = ("subscribed", "unsubscribed", "bounced", "complained")
+# Columns that are not merge fields: ours, and the bookkeeping that `subscribers export` adds.
+RESERVED_COLUMNS = ("email", "name", "status", "changed_at", "changed_how")
 
 
 def address_problem(address: str) -> str | None:
@@ -97,7 +103,12 @@ def read_csv(path: str | Path, report: CsvReport) -> Iterator[Recipient]:
                     continue
                 seen.add(email.lower())
                 name = clean_name(row.get(columns["name"])) if "name" in columns else None
-                extra = {k: (v or "") for k, v in row.items() if k and k.strip().lower() not in ("email", "name")}
-                yield Recipient(email, name, extra)
+                status = (row.get(columns["status"]) or "").strip().lower() if "status" in columns else ""
+                if status and status not in STATUSES:
+                    report.invalid.append((line, status, f"unknown status; expected one of {', '.join(STATUSES)}"))
+                    continue
+                extra = {k.strip(): (v or "").strip() for k, v in row.items()
+                         if k and k.strip().lower() not in RESERVED_COLUMNS}
+                yield Recipient(email, name, extra, status or "subscribed")
         except (csv.Error, UnicodeDecodeError) as exc:
             raise RecipientsError(f"{path}:{reader.line_num}: not readable CSV: {exc}") from exc

@@ -164,7 +164,7 @@ async def _deliver(store: Store, issue: str, factory: MessageFactory, backend: B
         for _ in range(backend.connections):
             workers.append(await backend.open_worker())
         while not stop.is_set():
-            await _one_pass(store, issue, factory, workers, settings, summary, progress, stop)
+            await _one_pass(store, issue, factory, workers, backend.batch_size, settings, summary, progress, stop)
             if stop.is_set():
                 break
             next_try = store.next_retry(issue)
@@ -181,6 +181,7 @@ async def _deliver(store: Store, issue: str, factory: MessageFactory, backend: B
                 pass
     finally:
         await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
+        await backend.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.remove_signal_handler(sig)
@@ -192,36 +193,43 @@ def _note_stop(summary: SendSummary, why: str) -> None:
     summary.stopped = summary.stopped or why
 
 
-async def _one_pass(store, issue, factory, workers, settings, summary, progress, stop) -> None:
-    queue: asyncio.Queue = asyncio.Queue(maxsize=len(workers) * 8)
+async def _one_pass(store, issue, factory, workers, batch_size, settings, summary, progress, stop) -> None:
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(workers) * max(2, 8 // batch_size))
     fatal: list[SendError] = []
 
     async def work(worker):
-        while (item := await queue.get()) is not None:
-            delivery, message = item
+        while (batch := await queue.get()) is not None:
             if stop.is_set():
                 continue  # still pending in the ledger: the next run sends it
-            store.mark(delivery.id, "sending", count_attempt=True)
+            with store.transaction():
+                for delivery, _ in batch:
+                    store.mark(delivery.id, "sending", count_attempt=True)
             try:
-                outcome = await worker.send(message)
+                outcomes = await worker.send_batch([message for _, message in batch])
             except SendError as exc:
-                store.mark(delivery.id, "pending", reply=f"not sent: {exc}")
+                with store.transaction():
+                    for delivery, _ in batch:
+                        store.mark(delivery.id, "pending", reply=f"not sent: {exc}")
                 fatal.append(exc)
                 stop.set()
                 continue
-            _record(store, delivery, outcome, settings, summary)
-            progress.advance(outcome.state)
+            with store.transaction():
+                for (delivery, _), outcome in zip(batch, outcomes, strict=True):
+                    _record(store, delivery, outcome, settings, summary)
+            for outcome in outcomes:
+                progress.advance(outcome.state)
 
     tasks = [asyncio.create_task(work(w)) for w in workers]
     try:
         after = 0
+        pending: list = []
         while not stop.is_set():
-            batch = store.due(issue, settings.batch_size, after_id=after)
-            if not batch:
+            rows = store.due(issue, max(settings.batch_size, batch_size), after_id=after)
+            if not rows:
                 break
-            after = batch[-1].id
-            blocked = store.blocked([d.email for d in batch])
-            for delivery in batch:
+            after = rows[-1].id
+            blocked = store.blocked([d.email for d in rows])
+            for delivery in rows:
                 if stop.is_set():
                     break
                 if delivery.email.lower() in blocked:
@@ -229,8 +237,12 @@ async def _one_pass(store, issue, factory, workers, settings, summary, progress,
                     summary.this_run["skipped"] += 1
                     progress.advance("skipped")
                     continue
-                message = factory.build(delivery.email, delivery.name, delivery.rkey)
-                await queue.put((delivery, message))
+                pending.append((delivery, factory.build(delivery.email, delivery.name, delivery.rkey)))
+                if len(pending) == batch_size:
+                    await queue.put(pending)
+                    pending = []
+        if pending and not stop.is_set():
+            await queue.put(pending)
     finally:
         for _ in tasks:
             await queue.put(None)
@@ -279,6 +291,7 @@ def _send_test(factory, signer, addresses, backend, summary, dry_run, progress) 
                     summary.warnings.append(f"{message.recipient}: {outcome.reply}")
         finally:
             await worker.close()
+            await backend.close()
 
     summary.backend_detail = backend.describe()
     progress.start(len(messages), backend.describe())
@@ -301,7 +314,7 @@ def _dry_run(store: Store, factory, signer, to_csv, issue: str, summary: SendSum
     def flush():
         blocked = store.blocked([r.email for r in batch])
         for r in batch:
-            if r.email.lower() in blocked:
+            if r.email.lower() in blocked or r.status != "subscribed":
                 summary.this_run["skipped"] += 1
                 continue
             summary.bytes += len(factory.build(r.email, r.name, signer.recipient_key(r.email)).data)

@@ -103,16 +103,22 @@ class Store:
     # -- subscribers -------------------------------------------------------------------------
 
     def add(self, recipient: Recipient, how: str, resubscribe: bool = False) -> str:
-        """'added', 'updated' (name or fields), 'resubscribed', or why it was not added."""
+        """'added', 'updated' (name or fields), 'resubscribed', or the status that kept
+        them out. A recipient whose own status is not 'subscribed' (from an export) is
+        stored with it; an unsubscribe is never undone except by an explicit add."""
         if self.suppressed(recipient.email):
             return "suppressed"
         row = self.db.execute("SELECT status FROM subscribers WHERE email = ?", (recipient.email,)).fetchone()
         fields = json.dumps(recipient.fields, sort_keys=True) if recipient.fields else None
         if row is None:
             self.db.execute(
-                "INSERT INTO subscribers (email, name, fields, changed_at, changed_how) VALUES (?, ?, ?, ?, ?)",
-                (recipient.email, recipient.name, fields, now_iso(), how))
-            return "added"
+                "INSERT INTO subscribers (email, name, fields, status, changed_at, changed_how)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (recipient.email, recipient.name, fields, recipient.status, now_iso(), how))
+            return "added" if recipient.status == "subscribed" else recipient.status
+        if recipient.status != "subscribed":
+            self.set_status(recipient.email, recipient.status, how)
+            return recipient.status
         if row[0] != "subscribed" and not resubscribe:
             return row[0]  # an unsubscribe is honoured; only an explicit add brings them back
         self.db.execute(
@@ -176,6 +182,8 @@ class Store:
             rows.clear()
 
         for r in recipients:
+            if r.status != "subscribed":
+                continue  # a list that says they left is honoured
             rows.append((issue, r.email, r.name, json.dumps(r.fields, sort_keys=True) if r.fields else None,
                          key_of(r.email), stamp))
             if len(rows) >= chunk:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ..config import Config
+from ..config import API_BACKENDS, BACKENDS, Config
 from ..errors import ConfigError
 from .base import Backend
 
-NAMES = ("outbox", "smtp")
+NAMES = BACKENDS
 
 
 def get_backend(name: str, config: Config, issue_stem: str) -> Backend:
@@ -18,4 +18,9 @@ def get_backend(name: str, config: Config, issue_stem: str) -> Backend:
         from .smtp import SmtpBackend
 
         return SmtpBackend(config.smtp)
+    if name in API_BACKENDS:
+        import importlib
+
+        module = importlib.import_module(f".{name}", __name__)
+        return module.Backend(config.apis[name])
     raise ConfigError([f"--backend: expected one of {', '.join(NAMES)}, got {name!r}"])

@@ -1,9 +1,10 @@
 """What every backend provides, and the one place replies become ledger outcomes.
 
-A backend opens ``connections`` workers; each worker sends one message at a time and
-answers with an Outcome. A worker handles its own reconnects; it raises SendError only
-when sending cannot work at all (refused connection, TLS or login failure), which stops
-the whole run with every unsent row still pending.
+A backend opens ``connections`` workers; each worker is handed ``batch_size`` messages
+at a time (one for SMTP; a provider's batch for the HTTP APIs) and answers with an
+Outcome for each. A worker handles its own reconnects and retries; it raises SendError
+only when sending cannot work at all (refused connection, TLS or login failure, a
+refused API key), which stops the whole run with every unsent row still pending.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class Worker:
     async def send(self, message: Message) -> Outcome:
         raise NotImplementedError
 
+    async def send_batch(self, messages: list[Message]) -> list[Outcome]:
+        return [await self.send(message) for message in messages]
+
     async def close(self) -> None:
         pass
 
@@ -48,9 +52,13 @@ class Worker:
 class Backend:
     name = "backend"
     connections = 1
+    batch_size = 1
 
     async def open_worker(self) -> Worker:
         raise NotImplementedError
+
+    async def close(self) -> None:
+        """After the workers: what the backend shares between them (an HTTP client)."""
 
     def describe(self) -> str:
         return self.name

@@ -1,0 +1,198 @@
+"""What every HTTP email API backend shares; a provider module only builds its request
+and reads its answer (the django-anymail shape).
+
+Here, once for all providers: the httpx client (one per send, its connections reused),
+timeouts, the number of requests in flight (one worker each), a requests-per-second
+limit shared by the workers, retries, error decoding, and the API key check.
+
+Retries: 429 waits for Retry-After (or the provider's reset header) when it says, else
+backs off; 5xx, timeouts and connection errors back off exponentially with jitter, up to
+``max_retries``. Beware that a provider may have accepted a request whose answer was
+lost: only Resend's Idempotency-Key makes such a retry safe (see resend.py). Other 4xx:
+the batch's recipients fail with the provider's own words, and are not retried. After the
+last retry the batch is deferred, for the next pass or run. 401 and 403 on the key stop
+the run: every other batch would fail the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ..config import Api
+from ..errors import SendError
+from ..message import Message
+from .base import DEFERRED, FAILED, SENT, Backend, Outcome, Worker
+
+MAX_RETRY_AFTER = 120.0  # a longer wait than this defers the batch instead
+
+
+@dataclass
+class ApiRequest:
+    method: str
+    path: str
+    json: Any = None
+    data: Any = None  # form fields, a list of (name, value) pairs
+    content: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class RateLimiter:
+    """Spaces request starts at least 1/rate seconds apart, across all workers."""
+
+    def __init__(self, per_second: float):
+        self.interval = 1.0 / per_second if per_second > 0 else 0.0
+        self.next = 0.0
+
+    async def wait(self) -> None:
+        if not self.interval:
+            return
+        now = time.monotonic()
+        start = max(now, self.next)
+        self.next = start + self.interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+class HttpBackend(Backend):
+    """Subclasses set `name`, `title`, and fill in `build` and `results`."""
+
+    title = "API"  # how the provider is named in messages: "Postmark API response 422: ..."
+    needs_key = True
+
+    def __init__(self, settings: Api):
+        self.settings = settings
+        self.connections = settings.requests_in_flight
+        self.batch_size = settings.batch_size
+        self.limiter = RateLimiter(settings.requests_per_second)
+        self.client: httpx.AsyncClient | None = None
+
+    # -- what a provider fills in ---------------------------------------------------------------
+
+    def auth(self) -> dict[str, str] | httpx.Auth:
+        return {"Authorization": f"Bearer {self.settings.api_key}"}
+
+    def build(self, messages: list[Message]) -> ApiRequest:
+        raise NotImplementedError
+
+    def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
+        """A 2xx answer: one Outcome per message (by default all accepted)."""
+        return [Outcome(SENT, f"{response.status_code} accepted")] * len(messages)
+
+    def error_text(self, response: httpx.Response) -> str:
+        """The provider's own words from an error answer."""
+        try:
+            body = response.json()
+        except ValueError:
+            return response.text.strip()[:500] or response.reason_phrase
+        if isinstance(body, dict):
+            for key in ("message", "Message", "errors", "error"):
+                if key in body:
+                    value = body[key]
+                    return "; ".join(e.get("message", str(e)) if isinstance(e, dict) else str(e)
+                                     for e in value) if isinstance(value, list) else str(value)
+        return json.dumps(body)[:500]
+
+    def key_refused(self, response: httpx.Response) -> bool:
+        """Whether a 401 or 403 means the key itself (stop) rather than this request."""
+        return True
+
+    def sign(self, request: httpx.Request) -> httpx.Request:
+        """A last look at the finished request (SES signs it here)."""
+        return request
+
+    # -- the shared machinery --------------------------------------------------------------------
+
+    def base_url(self) -> str:
+        if not self.settings.base_url:
+            raise SendError(f"{self.name}: no base_url set")
+        return self.settings.base_url
+
+    async def open_worker(self) -> Worker:
+        if self.client is None:
+            if self.needs_key and not self.settings.api_key:
+                raise SendError(f"{self.name}: NEWSLETTER_{self.name.upper()}_API_KEY is not set")
+            auth = self.auth()
+            self.client = httpx.AsyncClient(
+                base_url=self.base_url(),
+                headers=auth if isinstance(auth, dict) else None,
+                auth=auth if isinstance(auth, httpx.Auth) else None,
+                timeout=self.settings.timeout,
+                limits=httpx.Limits(max_connections=self.connections, max_keepalive_connections=self.connections),
+                follow_redirects=False,
+            )
+        return HttpWorker(self)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
+    def describe(self) -> str:
+        s = self.settings
+        rate = f", {s.requests_per_second:g} requests/s" if s.requests_per_second else ""
+        return f"{self.name} {self.base_url()} ({s.requests_in_flight} in flight, {s.batch_size} a request{rate})"
+
+    def retry_after(self, response: httpx.Response) -> float | None:
+        value = response.headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+class HttpWorker(Worker):
+    def __init__(self, backend: HttpBackend):
+        self.backend = backend
+
+    async def send(self, message: Message) -> Outcome:
+        return (await self.send_batch([message]))[0]
+
+    async def send_batch(self, messages: list[Message]) -> list[Outcome]:
+        backend, settings = self.backend, self.backend.settings
+        spec = backend.build(messages)
+        reason = "no answer"
+        for attempt in range(settings.max_retries + 1):
+            if attempt:
+                delay = wait if wait is not None else settings.retry_delay * 2 ** (attempt - 1)
+                await asyncio.sleep(delay * random.uniform(1.0, 1.25))
+            wait = None
+            await backend.limiter.wait()
+            try:
+                request = backend.client.build_request(spec.method, spec.path, json=spec.json, data=spec.data,
+                                                       content=spec.content, headers=spec.headers)
+                response = await backend.client.send(backend.sign(request))
+            except httpx.TimeoutException:
+                reason = f"no answer within {settings.timeout:g} s"
+                continue
+            except httpx.TransportError as exc:
+                reason = f"connection failed: {exc or type(exc).__name__}"
+                continue
+            status = response.status_code
+            if 200 <= status < 300:
+                return backend.results(response, messages)
+            text = backend.error_text(response)
+            reason = f"{backend.title} API response {status}: {text}"
+            if status == 429:
+                wait = backend.retry_after(response)
+                if wait is not None and wait > MAX_RETRY_AFTER:
+                    break
+            elif status >= 500:
+                continue
+            elif status in (401, 403) and backend.key_refused(response):
+                raise SendError(f"{backend.name}: the API key was refused: {reason}")
+            else:
+                return [Outcome(FAILED, reason)] * len(messages)
+        tries = f"{attempt + 1} attempt{'s' * (attempt > 0)}"
+        return [Outcome(DEFERRED, f"{reason} (after {tries})")] * len(messages)
+

@@ -1,0 +1,64 @@
+"""Resend: ``POST /emails/batch`` with up to 100 emails, and an Idempotency-Key.
+
+Reference: https://resend.com/docs/api-reference/emails/send-batch-emails,
+https://resend.com/docs/dashboard/emails/idempotency-keys (a key is kept 24 hours; the
+same key and payload return the first answer without sending again) and
+https://resend.com/docs/dashboard/emails/batch-validation-modes. Auth: ``Authorization:
+Bearer re_...``. Default rate limit: 2 requests a second (``requests_per_second``); 429
+comes with ``retry-after``. The key is derived from the issue and the batch's messages,
+so a retried request, or the same batch after a crash, cannot send twice. With
+``x-batch-validation: permissive`` one bad email does not stop the rest: the answer's
+``errors`` list names it by index. Answer: 200 ``{"data": [{"id"}...], "errors": [...]}``;
+errors ``{"statusCode", "message", "name"}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import httpx
+
+from ..message import Message
+from .base import FAILED, SENT, Outcome
+from .http import ApiRequest, HttpBackend
+
+
+class Backend(HttpBackend):
+    name = "resend"
+    title = "Resend"
+
+    def build(self, messages: list[Message]) -> ApiRequest:
+        factory = messages[0].factory
+        emails = []
+        for m in messages:
+            item = {
+                "from": factory.display_from,
+                "to": [m.display_to],
+                "subject": factory.subject,
+                "html": m.html,
+                "text": m.text,
+                "headers": m.headers(),
+            }
+            if factory.reply_to:
+                item["reply_to"] = factory.reply_to
+            emails.append(item)
+        ids = hashlib.sha256("\n".join(m.message_id for m in messages).encode()).hexdigest()[:32]
+        key = f"{factory.id_prefix}/{ids}"[:256]
+        return ApiRequest("POST", "/emails/batch", json=emails,
+                          headers={"Idempotency-Key": key, "x-batch-validation": "permissive"})
+
+    def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        errors = {e.get("index"): e.get("message", "") for e in body.get("errors") or [] if isinstance(e, dict)}
+        created = iter(body.get("data") or [])
+        outcomes = []
+        for index in range(len(messages)):
+            if index in errors:
+                outcomes.append(Outcome(FAILED, f"Resend: {errors[index]}"))
+            else:
+                item = next(created, {}) or {}
+                outcomes.append(Outcome(SENT, f"{response.status_code} {item.get('id', 'accepted')}"))
+        return outcomes

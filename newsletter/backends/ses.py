@@ -1,0 +1,99 @@
+"""Amazon SES v2: ``SendEmail`` with the whole message as raw MIME, one request each.
+
+Reference: https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_SendEmail.html
+(``POST /v2/email/outbound-emails``, body ``{"FromEmailAddress", "Destination":
+{"ToAddresses"}, "Content": {"Raw": {"Data": <base64>}}, "ConfigurationSetName"}``).
+Raw content keeps our MIME exactly (List-Unsubscribe and List-Unsubscribe-Post
+included); SendBulkEmail would need an SES template and gain nothing, since SES counts
+quota by recipient. ``ListManagementOptions`` is not set, or SES would add its own
+List-Unsubscribe. Requests are signed with AWS Signature Version 4 by botocore (service
+``ses``), with credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+AWS_SESSION_TOKEN. ``requests_per_second`` should match the account's MaxSendRate.
+Answer: 200 ``{"MessageId"}``; errors carry ``x-amzn-ErrorType`` and ``{"message"}``;
+throttling is 429 TooManyRequestsException. Note: SES replaces the Message-ID header.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import httpx
+
+from ..errors import SendError
+from ..message import Message
+from .base import SENT, Outcome
+from .http import ApiRequest, HttpBackend
+
+
+class Backend(HttpBackend):
+    name = "ses"
+    title = "Amazon SES"
+    needs_key = False  # AWS credentials instead
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.region = settings.extra.get("region") or "us-east-1"
+        self._signer = None
+
+    def base_url(self) -> str:
+        return self.settings.base_url or f"https://email.{self.region}.amazonaws.com"
+
+    def auth(self) -> dict[str, str]:
+        return {}
+
+    async def open_worker(self):
+        if self._signer is None:
+            self._signer = _make_signer(self.region)
+        return await super().open_worker()
+
+    def build(self, messages: list[Message]) -> ApiRequest:
+        [message] = messages  # SendEmail takes one message; batch_size is 1
+        body = {
+            "FromEmailAddress": message.sender,
+            "Destination": {"ToAddresses": [message.recipient]},
+            "Content": {"Raw": {"Data": base64.b64encode(message.data).decode("ascii")}},
+        }
+        if self.settings.extra.get("configuration_set"):
+            body["ConfigurationSetName"] = self.settings.extra["configuration_set"]
+        return ApiRequest("POST", "/v2/email/outbound-emails", content=json.dumps(body).encode(),
+                          headers={"Content-Type": "application/json"})
+
+    def sign(self, request: httpx.Request) -> httpx.Request:
+        return self._signer(request)
+
+    def error_text(self, response: httpx.Response) -> str:
+        kind = response.headers.get("x-amzn-errortype", "").split(":")[0]
+        text = super().error_text(response)
+        return f"{kind}: {text}" if kind else text
+
+    def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
+        try:
+            message_id = response.json().get("MessageId", "")
+        except ValueError:
+            message_id = ""
+        return [Outcome(SENT, f"{response.status_code} MessageId {message_id}".strip())]
+
+
+def _make_signer(region: str):
+    try:
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import Credentials
+    except ImportError:
+        raise SendError("ses: needs botocore, for AWS request signing: pip install 'newsletter[ses]'") from None
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not key or not secret:
+        raise SendError("ses: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set")
+    auth = SigV4Auth(Credentials(key, secret, os.environ.get("AWS_SESSION_TOKEN")), "ses", region)
+
+    def sign(request: httpx.Request) -> httpx.Request:
+        aws = AWSRequest(method=request.method, url=str(request.url), data=request.content,
+                         headers={"Content-Type": request.headers.get("content-type", "application/json")})
+        auth.add_auth(aws)
+        for name, value in aws.headers.items():
+            request.headers[name] = value
+        return request
+
+    return sign
