@@ -66,9 +66,9 @@ HELO = "localhost"  # both sides: no hostname lookups
 
 RATIO_GOAL, RATIO_AIM = 0.6, 1.0
 MEMORY_GOAL_MB = 200.0
-INSTALL_HELP = ("smtp-sink and smtp-source come with postfix: "
-                "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y postfix && sudo postfix stop "
-                "(the daemon is not needed; Fedora: dnf install postfix; macOS: they are not shipped)")
+INSTALL_HELP = ("smtp-sink and smtp-source come with postfix; on Debian or Ubuntu: "
+                "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y postfix, then sudo postfix stop "
+                "(the bench does not use the daemon)")
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -103,10 +103,11 @@ def ensure_tools() -> tuple[str, str]:
         fail(f"smtp-sink/smtp-source not found. {INSTALL_HELP}", code=2)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     was_running = postfix_running()
-    for command in ([apt, "install", "-y", "-q", "postfix"], [apt, "update", "-q"], [apt, "install", "-y", "-q", "postfix"]):
+    install = [apt, "install", "-y", "-q", "postfix"]
+    for command in (install, [apt, "update", "-q"], install):  # update only if the first try fails
         note(f"installing postfix for smtp-sink/smtp-source (one time): {shlex.join(command)}")
         done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if done.returncode == 0 and "install" in command:
+        if done.returncode == 0 and command is install:
             break
     if not was_running and postfix_running():  # the bench needs no MTA listening on port 25
         subprocess.run([find_tool("postfix") or "postfix", "stop"], capture_output=True)
@@ -167,6 +168,14 @@ class Sink:
         time.sleep(0.05)  # let it write the counter for the last QUIT
         found = re.findall(rb"sess=(\d+) quit=\d+ mesg=(\d+)", self.log.read_bytes()[-400:])
         return (int(found[-1][0]), int(found[-1][1])) if found else (0, 0)
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time smtp-sink has used so far (Linux /proc), to show whether it is the limit."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -292,9 +301,10 @@ def smtp_source_length(wire_size: float) -> tuple[int, int]:
 
 # -- timing ---------------------------------------------------------------------------------------
 
-def run_child(command: list[str], env: dict[str, str] | None, folder: Path, what: str) -> tuple[float, int, str]:
-    """Run ``command`` in the repo root; (wall seconds, peak RSS in KB of that child alone
-    from wait4, its output). Exits on failure."""
+def run_child(command: list[str], env: dict[str, str] | None, folder: Path, what: str) -> tuple[float, float, int, str]:
+    """Run ``command`` in the repo root; (wall seconds, CPU seconds, peak RSS in KB, its
+    output), the last two of that child alone (and its own children), from wait4. Exits on
+    failure."""
     out_path = folder / f"{what.split()[0]}.{time.monotonic_ns()}.out"
     with open(out_path, "wb") as out:
         start = time.perf_counter()
@@ -307,7 +317,7 @@ def run_child(command: list[str], env: dict[str, str] | None, folder: Path, what
     if proc.returncode != 0:
         sys.stderr.write(output)
         fail(f"{what} failed (exit {proc.returncode}): {shlex.join(command)}")
-    return elapsed, usage.ru_maxrss, output
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, output
 
 
 def send_in_process(config_path: Path, env: dict[str, str], profile: cProfile.Profile | None = None):
@@ -377,6 +387,7 @@ def main() -> int:
              f"e.g. .venv/bin/python bench/send.py", code=2)
 
     sink_bin, source_bin = ensure_tools()
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     issue = Path(ISSUE).stem
 
     with tempfile.TemporaryDirectory(prefix="newsletter-bench-send-") as tmp:
@@ -408,6 +419,10 @@ def main() -> int:
             ours_times: list[float] = []
             inproc_times: list[float] = []
             source_times: list[float] = []
+            ours_cpu: list[float] = []  # CPU seconds per wall second
+            source_cpu: list[float] = []
+            sink_with_ours: list[float] = []
+            sink_with_source: list[float] = []
             ours_sessions = source_sessions = 0
             for r in range(repeat):
                 # A: our send, as a process.
@@ -417,23 +432,32 @@ def main() -> int:
                 ours_cmd = [sys.executable, "-m", "newsletter", "send", ISSUE, "--config", str(config_path)]
                 note(f"[{r + 1}/{repeat}] newsletter send, {n:,} messages, {sessions} connections ...")
                 s0, m0 = sink.counters()
-                elapsed, _, output = run_child(ours_cmd, env, tmp_path, "newsletter send")
+                c0 = sink.cpu_seconds()
+                elapsed, cpu, _, output = run_child(ours_cmd, env, tmp_path, "newsletter send")
                 s1, m1 = sink.counters()
+                c1 = sink.cpu_seconds()
                 check_sent(store, n, "newsletter send")
                 if m1 - m0 != n:
                     fail(f"newsletter send: smtp-sink counted {m1 - m0} messages, not {n}")
                 if f"sent {n}," not in output:
                     fail(f"newsletter send: unexpected output:\n{output}")
                 ours_times.append(elapsed)
+                ours_cpu.append(cpu / elapsed)
+                if c0 is not None and c1 is not None:
+                    sink_with_ours.append((c1 - c0) / elapsed)
                 ours_sessions = s1 - s0
 
                 # B: smtp-source.
                 note(f"[{r + 1}/{repeat}] smtp-source, {n:,} messages, {sessions} sessions ...")
-                elapsed, _, _ = run_child(source_cmd, None, tmp_path, "smtp-source")
+                elapsed, cpu, _, _ = run_child(source_cmd, None, tmp_path, "smtp-source")
                 s2, m2 = sink.counters()
+                c2 = sink.cpu_seconds()
                 if m2 - m1 != n:
                     fail(f"smtp-source: smtp-sink counted {m2 - m1} messages, not {n}")
                 source_times.append(elapsed)
+                source_cpu.append(cpu / elapsed)
+                if c1 is not None and c2 is not None:
+                    sink_with_source.append((c2 - c1) / elapsed)
                 source_sessions = s2 - s1
 
                 # Context: the same send in-process, on another fresh store.
@@ -474,7 +498,7 @@ def main() -> int:
             mem_cmd = [sys.executable, "-m", "newsletter", "send", ISSUE, "--dry-run",
                        "--config", str(write_config(mem_dir, mem_dir / "newsletter.sqlite3"))]
             note(f"newsletter send --dry-run over {memory_n:,} subscribers ...")
-            elapsed, maxrss_kb, output = run_child(mem_cmd, env, tmp_path, "newsletter send --dry-run")
+            elapsed, _, maxrss_kb, output = run_child(mem_cmd, env, tmp_path, "newsletter send --dry-run")
             if f"built {memory_n} message" not in output:
                 fail(f"--dry-run: unexpected output:\n{output}")
             if ledger_counts(mem_dir / "newsletter.sqlite3", issue):
@@ -526,13 +550,18 @@ def main() -> int:
           f" on 127.0.0.1 (PIPELINING advertised; ours uses it, smtp-source cannot)")
     print(f"machine: {platform.system()} {platform.machine()}, {cpu_model()}, nproc {affinity}"
           f" (cpu_count {os.cpu_count()}), Python {platform.python_version()}, postfix {postfix_version}"
-          f" (smtp-sink, smtp-source), SQLite {sqlite3.sqlite_version}")
+          f" (smtp-sink, smtp-source), SQLite {sqlite3.sqlite_version}"
+          + (f", load average {load_before[0]:.2f} at start" if load_before else ""))
     print(f"message size: ours {content_size / 1024:.1f} KB on average ({content_size:,.0f} bytes; {wire_size:,.0f}"
           f" on the wire, dot-stuffed), smtp-source -l {length} -> {source_wire:,} bytes"
           f" on the wire with its own headers, the same size")
     print(f"sessions used (smtp-sink's count): ours {ours_sessions}, smtp-source {source_sessions};"
           f" runs alternated A B A B; ours is wall time of the whole process (start-up, render, queueing"
           f" {n:,} ledger rows, sending)")
+    cpu_line = f"CPU busy (CPU s per wall s): `newsletter send` {med(ours_cpu):.0%}, smtp-source {med(source_cpu):.0%}"
+    if sink_with_ours and sink_with_source:
+        cpu_line += f"; smtp-sink {med(sink_with_ours):.0%} during ours, {med(sink_with_source):.0%} during smtp-source"
+    print(cpu_line + f" (100% = one core of {affinity})")
     print()
     print(line(headers))
     print(line(["-" * w for w in widths]))
@@ -551,8 +580,8 @@ def main() -> int:
     print(f"anchor:      {shlex.join(['smtp-source', *source_cmd[1:-1], '127.0.0.1:PORT'])}")
     print(f"sink:        {shlex.join(['smtp-sink', *sink.command[1:-2], '127.0.0.1:PORT', '256'])}")
     if memory:
-        print(f"memory:      {shlex.join([sys.executable, '-m', 'newsletter', 'send', ISSUE, '--dry-run', '--config', 'TMP/newsletter.toml'])}"
-              " (peak RSS of that child from wait4)")
+        memory_cmd = [sys.executable, "-m", "newsletter", "send", ISSUE, "--dry-run", "--config", "TMP/newsletter.toml"]
+        print(f"memory:      {shlex.join(memory_cmd)} (peak RSS of that child from wait4)")
     print(f"rerun: {rerun}")
     if not (ratio_ok and memory_ok):
         print("goal missed: " + "; ".join(
