@@ -245,15 +245,23 @@ def run_subscribers_add(args) -> int:
     if problem := address_problem(args.email.strip()):
         print(f"newsletter: {args.email!r}: {problem}", file=sys.stderr)
         return EXIT_INVALID
+    name = clean_name(args.name)
+    if args.name is not None and name is None:
+        print("newsletter: --name: expected one line of at most 200 characters, no control characters",
+              file=sys.stderr)
+        return EXIT_INVALID
     with _store(args) as store:
-        result = store.add(Recipient(normalize(args.email), clean_name(args.name)), "cli add", resubscribe=True)
+        result = store.add(Recipient(normalize(args.email), name), "cli add", resubscribe=True)
     print(f"{normalize(args.email)}: {result}")
     return EXIT_INVALID if result == "suppressed" else EXIT_OK
 
 
 def run_subscribers_remove(args) -> int:
-    from .recipients import normalize
+    from .recipients import address_problem, normalize
 
+    if problem := address_problem(args.email.strip()):
+        print(f"newsletter: {args.email!r}: {problem}", file=sys.stderr)
+        return EXIT_INVALID
     with _store(args) as store:
         changed = store.set_status(normalize(args.email), "unsubscribed", "cli remove")
     print(f"{normalize(args.email)}: {'unsubscribed' if changed else 'not a current subscriber'}")

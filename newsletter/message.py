@@ -31,6 +31,7 @@ from .tokens import Signer
 
 CRLF = b"\r\n"
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+_FOLD_POINT = re.compile(r"(?<=\S) (?=\S)")
 SOFT_BREAK = b"=\r\n"
 QP_LINE = 76  # RFC 2045: encoded lines at most 76 characters
 UNSUBSCRIBE = PLACEHOLDERS["unsubscribe_url"]
@@ -40,7 +41,13 @@ def _qp(text: str) -> bytes:
     data = text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")
     # b2a_qp takes its line end from the input's first one: text with none gets bare LFs.
     encoded = _BARE_LF.sub(b"\r\n", binascii.b2a_qp(data, istext=True))
-    # ... and it can leave a line of 77 octets (74 characters, then a space as =20).
+    # No line starts with "." (SMTP would have to double it): =2E is the same character,
+    # so a message needs no dot-stuffing per recipient.
+    encoded = encoded.replace(b"\r\n.", b"\r\n=2E")
+    if encoded.startswith(b"."):
+        encoded = b"=2E" + encoded[1:]
+    # b2a_qp can leave a line of 77 octets (74 characters, then a space as =20), and =2E
+    # adds two: cut such lines again.
     if any(len(line) > QP_LINE for line in encoded.split(CRLF)):
         encoded = CRLF.join(_split_qp_line(line) for line in encoded.split(CRLF))
     return encoded
@@ -52,7 +59,8 @@ def _split_qp_line(line: bytes, room: int = QP_LINE) -> bytes:
     pieces = []
     while len(line) > room:
         cut = room - 1  # leave room for the "="
-        while b"=" in line[cut - 2:cut]:
+        # never inside an =XX escape, and never so that the next line starts with "."
+        while b"=" in line[cut - 2:cut] or line[cut:cut + 1] == b".":
             cut -= 1
         pieces.append(line[:cut])
         line = line[cut:]
@@ -80,22 +88,28 @@ def display_address(name: str | None, address: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + f'" <{address}>'
 
 
-def _encoded_words(text: str) -> str:
-    """RFC 2047 encoded words of at most 75 characters, separated by spaces (folded later)."""
-    return Header(text, "utf-8", maxlinelen=75).encode(linesep=" ")
+def _encoded_words(text: str, header_name: str) -> str:
+    """RFC 2047 encoded words of at most 75 characters, separated by spaces (folded
+    later); the first one short enough to share a line with the header's name."""
+    return " ".join(Header(text, "utf-8", maxlinelen=76, header_name=header_name).encode(linesep=" ").split())
 
 
 def _fold(line: str, width: int = 78) -> str:
     """Fold an ASCII header at spaces so that no line is longer than `width` where it can be."""
     if len(line) <= width:
         return line
-    lines, current = [], ""
-    for word in line.split(" "):
-        if current and len(current) + 1 + len(word) > width:
+    # Fold only at a single space between two words: never right after "Name:", and
+    # never so that a line is nothing but white space (RFC 5322 section 3.2.2).
+    words = _FOLD_POINT.split(line)
+    if len(words) > 1 and words[0].endswith(":"):
+        words[:2] = [f"{words[0]} {words[1]}"]
+    lines, current = [], words[0]
+    for word in words[1:]:
+        if len(current) + 1 + len(word) > width:
             lines.append(current)
             current = " " + word
         else:
-            current = f"{current} {word}" if current else word
+            current = f"{current} {word}"
     lines.append(current)
     return "\r\n".join(lines)
 
@@ -108,7 +122,7 @@ def _address(name: str | None, address: str) -> str:
         return address
     if name.isascii():
         return formataddr((name, address))
-    return f"{_encoded_words(name)} <{address}>"
+    return f"{_encoded_words(name, 'To')} <{address}>"
 
 
 class _SplicedBody:
@@ -265,7 +279,7 @@ class _DkimSigner:
 def _list_name(name: str) -> str:
     """List-Id's phrase (RFC 2919): as is, quoted, or RFC 2047-encoded; the <id> stays literal."""
     if not name.isascii():
-        return _encoded_words(name)
+        return _encoded_words(name, "List-Id")
     if all(c.isalnum() or c in " !#$%&'*+-/=?^_`{|}~" for c in name):
         return name
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -58,12 +58,12 @@ def normalize(address: str) -> str:
 
 
 def clean_name(name: str | None) -> str | None:
-    if name is None:
+    """The name, white space tidied; None for one that holds line breaks or control
+    characters (never mended into something else) or is over 200 characters."""
+    if name is None or one_line_problem(name.strip()):
         return None
     name = " ".join(name.split())
-    if one_line_problem(name) or len(name) > 200:
-        return None
-    return name or None
+    return name if 0 < len(name) <= 200 else None
 
 
 @dataclass

@@ -201,7 +201,7 @@ async def _one_pass(store, issue, factory, workers, batch_size, settings, summar
         while (batch := await queue.get()) is not None:
             if stop.is_set():
                 continue  # still pending in the ledger: the next run sends it
-            with store.transaction():
+            with store.transaction(len(batch) > 1):
                 for delivery, _ in batch:
                     store.mark(delivery.id, "sending", count_attempt=True)
             try:
@@ -213,7 +213,7 @@ async def _one_pass(store, issue, factory, workers, batch_size, settings, summar
                 fatal.append(exc)
                 stop.set()
                 continue
-            with store.transaction():
+            with store.transaction(len(batch) > 1 or any(o.suppress for o in outcomes)):
                 for (delivery, _), outcome in zip(batch, outcomes, strict=True):
                     _record(store, delivery, outcome, settings, summary)
             for outcome in outcomes:

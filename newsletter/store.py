@@ -12,6 +12,7 @@ process being killed, which is the failure this ledger is built for.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import sqlite3
@@ -97,8 +98,10 @@ class Store:
     def __exit__(self, *exc):
         self.close()
 
-    def transaction(self):
-        return _Transaction(self.db)
+    def transaction(self, needed: bool = True):
+        """BEGIN IMMEDIATE ... COMMIT; `needed=False` for a single statement, which
+        commits on its own (half the cost per message on the SMTP path)."""
+        return _Transaction(self.db) if needed else contextlib.nullcontext(self.db)
 
     # -- subscribers -------------------------------------------------------------------------
 
@@ -213,13 +216,15 @@ class Store:
 
     def blocked(self, emails: list[str]) -> set[str]:
         """Which of these addresses must not be sent to now (checked again right before sending)."""
-        if not emails:
-            return set()
-        marks = ",".join("?" * len(emails))
-        rows = self.db.execute(
-            f"SELECT email FROM suppressions WHERE email IN ({marks}) UNION "
-            f"SELECT email FROM subscribers WHERE email IN ({marks}) AND status != 'subscribed'", emails + emails)
-        return {e.lower() for (e,) in rows}
+        found: set[str] = set()
+        for start in range(0, len(emails), 500):  # within SQLite's limit on parameters
+            chunk = emails[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(
+                f"SELECT email FROM suppressions WHERE email IN ({marks}) UNION "
+                f"SELECT email FROM subscribers WHERE email IN ({marks}) AND status != 'subscribed'", chunk + chunk)
+            found.update(e.lower() for (e,) in rows)
+        return found
 
     def next_retry(self, issue: str) -> float | None:
         row = self.db.execute("SELECT min(next_try) FROM deliveries WHERE issue = ? AND state = 'deferred'",

@@ -357,8 +357,10 @@ def test_add_validates_and_cleans(project):
     bad = run("subscribers", "add", "a@b", cwd=project)
     assert bad.returncode == 1
     assert bad.stderr.strip().startswith("newsletter: 'a@b': ")
-    ok = run("subscribers", "add", " Ada@Example.COM ", "--name", "Ada\r\nBcc: evil@example.com", cwd=project)
+    # A name that could break a header is refused, never mended into something else.
+    evil = run("subscribers", "add", "ada@example.com", "--name", "Ada\r\nBcc: evil@example.com", cwd=project)
+    assert evil.returncode == 1 and "--name: expected one line" in evil.stderr
+    ok = run("subscribers", "add", " Ada@Example.COM ", "--name", "  Ada   Lovelace ", cwd=project)
     assert ok.returncode == 0
     assert ok.stdout.strip() == "Ada@example.com: added"
-    # The name is made one line (whitespace runs collapse to one space): nothing can break a header.
-    assert rows(project)["Ada@example.com"][0] == "Ada Bcc: evil@example.com"
+    assert rows(project)["Ada@example.com"][0] == "Ada Lovelace"  # white space tidied

@@ -69,32 +69,37 @@ class SmtpConnection:
 
     async def read_reply(self) -> Reply:
         lines = []
-        while True:
-            try:
-                line = await asyncio.wait_for(self.reader.readline(), self.timeout)
-            except asyncio.TimeoutError:
-                raise ConnectionLost(f"no reply within {self.timeout:g} s") from None
-            except (ConnectionError, OSError) as exc:
-                raise ConnectionLost(f"connection lost: {exc}") from exc
-            if not line:
-                raise ConnectionLost("connection closed by the server")
-            text = line.decode("utf-8", "replace").rstrip("\r\n")
-            if len(text) < 3 or not text[:3].isdigit():
-                raise ConnectionLost(f"not an SMTP reply: {text[:80]!r}")
-            lines.append(text[4:])
-            if text[3:4] != "-":
-                reply = Reply(int(text[:3]), tuple(lines))
-                if reply.code == 421:
-                    raise ConnectionLost(str(reply))
-                return reply
+        try:
+            async with asyncio.timeout(self.timeout):  # no task per read, unlike wait_for
+                while True:
+                    line = await self.reader.readline()
+                    if not line:
+                        raise ConnectionLost("connection closed by the server")
+                    text = line.decode("utf-8", "replace").rstrip("\r\n")
+                    if len(text) < 3 or not text[:3].isdigit():
+                        raise ConnectionLost(f"not an SMTP reply: {text[:80]!r}")
+                    lines.append(text[4:])
+                    if text[3:4] != "-":
+                        break
+        except TimeoutError:
+            raise ConnectionLost(f"no reply within {self.timeout:g} s") from None
+        except (ConnectionError, OSError) as exc:
+            raise ConnectionLost(f"connection lost: {exc}") from exc
+        reply = Reply(int(text[:3]), tuple(lines))
+        if reply.code == 421:
+            raise ConnectionLost(str(reply))
+        return reply
 
     def write(self, data: bytes) -> None:
         self.writer.write(data)
 
     async def drain(self) -> None:
+        if not self.writer.transport.get_write_buffer_size():
+            return  # all of it went out already: nothing to wait for
         try:
-            await asyncio.wait_for(self.writer.drain(), self.timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.timeout):
+                await self.writer.drain()
+        except TimeoutError:
             raise ConnectionLost(f"could not write within {self.timeout:g} s") from None
         except (ConnectionError, OSError) as exc:
             raise ConnectionLost(f"connection lost: {exc}") from exc
@@ -205,9 +210,13 @@ class SmtpConnection:
                 await self.command(".")
             await self.reset()
             return smtp_outcome(refused.code, refused.text)
-        # Dot-stuffing: a line that starts with "." gets another one.
-        data = message.data.replace(b"\r\n.", b"\r\n..")
-        self.write(data + (b"" if data.endswith(b"\r\n") else b"\r\n") + b".\r\n")
+        # Dot-stuffing: a line that starts with "." gets another one. Our own messages
+        # have none (quoted-printable writes =2E), so this is a scan, not a copy.
+        data = message.data
+        if data.startswith(b".") or b"\r\n." in data:
+            data = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..")
+        self.write(data)
+        self.write(b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n")
         try:
             await self.drain()
             reply = await self.read_reply()
