@@ -21,7 +21,6 @@ import re
 from functools import cached_property
 from email.header import Header
 from email.utils import format_datetime, formataddr
-from urllib.parse import quote
 
 from .checks import one_line_problem
 from .config import Config, Dkim
@@ -160,7 +159,8 @@ class Message:
         self.unsubscribe_url = factory.unsubscribe_url.replace("{token}", token)
         entries = [f"<{self.unsubscribe_url}>"]
         if factory.unsubscribe_mailto:
-            entries.append(f"<mailto:{factory.unsubscribe_mailto}?subject={quote('unsubscribe ' + token)}>")
+            # the token is URL-safe base64: only the space needs escaping
+            entries.append(f"<mailto:{factory.unsubscribe_mailto}?subject=unsubscribe%20{token}>")
         self.list_unsubscribe = ", ".join(entries)  # never encoded: RFC 8058 readers need it literal
         self._now = now
 

@@ -58,7 +58,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     updated_at  TEXT NOT NULL,
     UNIQUE (issue, email)
 );
-CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries (issue, state, next_try);
+-- No index on state: every send writes each row twice, and an index would double the
+-- pages each write touches; sends read rows in id order anyway.
+DROP INDEX IF EXISTS deliveries_by_state;
 CREATE INDEX IF NOT EXISTS deliveries_by_rkey ON deliveries (rkey);
 """
 

@@ -10,6 +10,7 @@ so that an unsubscribe request can be matched to the address.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+@functools.lru_cache(maxsize=16)
+def _list_tag(list_id: str) -> bytes:
+    return hashlib.sha256(b"list:" + list_id.encode("utf-8")).digest()[:TAG_BYTES]
+
+
 @dataclass(frozen=True)
 class Signer:
     secret: bytes
@@ -36,7 +42,7 @@ class Signer:
         return _b64(digest[:KEY_BYTES])
 
     def _list_tag(self) -> bytes:
-        return hashlib.sha256(b"list:" + self.list_id.encode("utf-8")).digest()[:TAG_BYTES]
+        return _list_tag(self.list_id)
 
     def token(self, recipient_key: str) -> str:
         key = base64.urlsafe_b64decode(recipient_key + "=" * (-len(recipient_key) % 4))

@@ -68,21 +68,26 @@ class SmtpConnection:
     # -- talking ---------------------------------------------------------------------------
 
     async def read_reply(self) -> Reply:
-        lines = []
         try:
-            async with asyncio.timeout(self.timeout):  # no task per read, unlike wait_for
-                while True:
-                    line = await self.reader.readline()
-                    if not line:
-                        raise ConnectionLost("connection closed by the server")
-                    text = line.decode("utf-8", "replace").rstrip("\r\n")
-                    if len(text) < 3 or not text[:3].isdigit():
-                        raise ConnectionLost(f"not an SMTP reply: {text[:80]!r}")
-                    lines.append(text[4:])
-                    if text[3:4] != "-":
-                        break
+            async with asyncio.timeout(self.timeout):  # a timer, not a task as wait_for makes
+                return await self._read_reply()
         except TimeoutError:
             raise ConnectionLost(f"no reply within {self.timeout:g} s") from None
+
+    async def _read_reply(self) -> Reply:
+        """One reply, without a timeout of its own: the caller sets one."""
+        lines = []
+        try:
+            while True:
+                line = await self.reader.readline()
+                if not line:
+                    raise ConnectionLost("connection closed by the server")
+                text = line.decode("utf-8", "replace").rstrip("\r\n")
+                if len(text) < 3 or not text[:3].isdigit():
+                    raise ConnectionLost(f"not an SMTP reply: {text[:80]!r}")
+                lines.append(text[4:])
+                if text[3:4] != "-":
+                    break
         except (ConnectionError, OSError) as exc:
             raise ConnectionLost(f"connection lost: {exc}") from exc
         reply = Reply(int(text[:3]), tuple(lines))
@@ -196,8 +201,12 @@ class SmtpConnection:
         envelope = [f"MAIL FROM:<{message.sender}>", f"RCPT TO:<{message.recipient}>", "DATA"]
         if "PIPELINING" in self.extensions:
             self.write("".join(f"{line}\r\n" for line in envelope).encode("ascii"))
-            await self.drain()
-            replies = [await self.read_reply() for _ in envelope]
+            try:
+                async with asyncio.timeout(self.timeout):  # one timer for the three replies
+                    await self.drain()
+                    replies = [await self._read_reply() for _ in envelope]
+            except TimeoutError:
+                raise ConnectionLost(f"no reply within {self.timeout:g} s") from None
         else:
             replies = []
             for line in envelope:
