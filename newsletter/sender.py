@@ -194,10 +194,21 @@ def _note_stop(summary: SendSummary, why: str) -> None:
 
 
 async def _one_pass(store, issue, factory, workers, batch_size, settings, summary, progress, stop) -> None:
-    queue: asyncio.Queue = asyncio.Queue(maxsize=len(workers) * max(2, 8 // batch_size))
-    fatal: list[SendError] = []
+    # Messages wait here already built: a few each for SMTP, one batch each for the APIs
+    # (a Postmark batch of 500 complete messages is 20 MB).
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(workers) * (8 if batch_size == 1 else 1))
+    fatal: list[BaseException] = []
 
     async def work(worker):
+        try:
+            await deliver_from_queue(worker)
+        except Exception as exc:  # a bug: stop everything, but never leave the producer waiting
+            fatal.append(exc)
+            stop.set()
+            while await queue.get() is not None:
+                pass
+
+    async def deliver_from_queue(worker):
         while (batch := await queue.get()) is not None:
             if stop.is_set():
                 continue  # still pending in the ledger: the next run sends it

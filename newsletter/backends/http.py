@@ -10,8 +10,9 @@ backs off; 5xx, timeouts and connection errors back off exponentially with jitte
 ``max_retries``. Beware that a provider may have accepted a request whose answer was
 lost: only Resend's Idempotency-Key makes such a retry safe (see resend.py). Other 4xx:
 the batch's recipients fail with the provider's own words, and are not retried. After the
-last retry the batch is deferred, for the next pass or run. 401 and 403 on the key stop
-the run: every other batch would fail the same way.
+last retry the batch is deferred, for the next pass or run. 401 and 403 (and what a
+provider says is a settings problem, like Mailgun's unknown domain) stop the run: every
+other batch would fail the same way, so everyone else stays pending.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..message import Message
 from .base import DEFERRED, FAILED, SENT, Backend, Outcome, Worker
 
 MAX_RETRY_AFTER = 120.0  # a longer wait than this defers the batch instead
+RETRY, STOP, FAIL = "retry", "stop", "fail"
 
 
 @dataclass
@@ -42,6 +44,17 @@ class ApiRequest:
     data: Any = None  # form fields, a list of (name, value) pairs
     content: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_object(fields: dict, encoded_strings: dict[str, str]) -> str:
+    """A JSON object of `fields` plus string members whose values are already encoded
+    (the inside of a JSON string, as Message.html_json gives)."""
+    extra = "".join(f',{json.dumps(name)}:"{value}"' for name, value in encoded_strings.items())
+    return json.dumps(fields, ensure_ascii=False)[:-1] + extra + "}"
+
+
+def json_content(items: list[str]) -> bytes:
+    return ("[" + ",".join(items) + "]").encode("utf-8")
 
 
 class RateLimiter:
@@ -100,9 +113,15 @@ class HttpBackend(Backend):
                                      for e in value) if isinstance(value, list) else str(value)
         return json.dumps(body)[:500]
 
-    def key_refused(self, response: httpx.Response) -> bool:
-        """Whether a 401 or 403 means the key itself (stop) rather than this request."""
-        return True
+    def verdict(self, response: httpx.Response) -> str:
+        """What an error answer means: RETRY (later, it may pass), STOP (a settings
+        problem: every batch would fail alike, so end the run with the rest pending), or
+        FAIL (this batch's recipients, for good). Providers refine it."""
+        if response.status_code == 429 or response.status_code >= 500:
+            return RETRY
+        if response.status_code in (401, 403):
+            return STOP
+        return FAIL
 
     def sign(self, request: httpx.Request) -> httpx.Request:
         """A last look at the finished request (SES signs it here)."""
@@ -147,8 +166,12 @@ class HttpBackend(Backend):
         try:
             return max(0.0, float(value))
         except ValueError:
+            pass
+        try:  # or an HTTP date
             when = email.utils.parsedate_to_datetime(value)
-            return max(0.0, when.timestamp() - time.time()) if when else None
+        except (TypeError, ValueError, IndexError):
+            return None  # not a value we understand: back off as for any other retry
+        return max(0.0, when.timestamp() - time.time())
 
 
 class HttpWorker(Worker):
@@ -167,11 +190,12 @@ class HttpWorker(Worker):
                 delay = wait if wait is not None else settings.retry_delay * 2 ** (attempt - 1)
                 await asyncio.sleep(delay * random.uniform(1.0, 1.25))
             wait = None
+            # Built (and signed) before taking a slot, so the slot is when it really leaves.
+            request = backend.sign(backend.client.build_request(
+                spec.method, spec.path, json=spec.json, data=spec.data, content=spec.content, headers=spec.headers))
             await backend.limiter.wait()
             try:
-                request = backend.client.build_request(spec.method, spec.path, json=spec.json, data=spec.data,
-                                                       content=spec.content, headers=spec.headers)
-                response = await backend.client.send(backend.sign(request))
+                response = await backend.client.send(request)
             except httpx.TimeoutException:
                 reason = f"no answer within {settings.timeout:g} s"
                 continue
@@ -183,16 +207,15 @@ class HttpWorker(Worker):
                 return backend.results(response, messages)
             text = backend.error_text(response)
             reason = f"{backend.title} API response {status}: {text}"
-            if status == 429:
-                wait = backend.retry_after(response)
-                if wait is not None and wait > MAX_RETRY_AFTER:
-                    break
-            elif status >= 500:
-                continue
-            elif status in (401, 403) and backend.key_refused(response):
-                raise SendError(f"{backend.name}: the API key was refused: {reason}")
-            else:
+            verdict = backend.verdict(response)
+            if verdict == STOP:
+                what = "the API key was refused" if status in (401, 403) else "the settings are wrong"
+                raise SendError(f"{backend.name}: {what}: {reason}")
+            if verdict == FAIL:
                 return [Outcome(FAILED, reason)] * len(messages)
+            wait = backend.retry_after(response)
+            if wait is not None and wait > MAX_RETRY_AFTER:
+                break
         tries = f"{attempt + 1} attempt{'s' * (attempt > 0)}"
         return [Outcome(DEFERRED, f"{reason} (after {tries})")] * len(messages)
 

@@ -22,7 +22,7 @@ from ..errors import SendError
 from ..message import Message
 from ..render import PLACEHOLDERS
 from .base import SENT, Outcome
-from .http import ApiRequest, HttpBackend
+from .http import STOP, ApiRequest, HttpBackend
 
 
 class Backend(HttpBackend):
@@ -60,6 +60,10 @@ class Backend(HttpBackend):
         } for m in messages}
         fields["recipient-variables"] = json.dumps(variables, separators=(",", ":"))
         return ApiRequest("POST", f"/v3/{domain}/messages", data=fields)
+
+    def verdict(self, response: httpx.Response) -> str:
+        # 404: no such domain here (a typo, or a domain of the other region): settings.
+        return STOP if response.status_code == 404 else super().verdict(response)
 
     def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
         try:

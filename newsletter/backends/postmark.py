@@ -18,7 +18,7 @@ import httpx
 
 from ..message import Message
 from .base import FAILED, SENT, Outcome
-from .http import ApiRequest, HttpBackend
+from .http import ApiRequest, HttpBackend, json_content, json_object
 
 INACTIVE_RECIPIENT = 406
 
@@ -35,12 +35,10 @@ class Backend(HttpBackend):
         stream = self.settings.extra.get("message_stream") or "broadcast"
         batch = []
         for m in messages:
-            item = {
+            fields = {
                 "From": factory.display_from,
                 "To": m.display_to,
                 "Subject": factory.subject,
-                "HtmlBody": m.html,
-                "TextBody": m.text,
                 "Headers": [{"Name": k, "Value": v} for k, v in m.headers().items()],
                 "MessageStream": stream,
                 "TrackOpens": False,
@@ -48,9 +46,11 @@ class Backend(HttpBackend):
                 "Metadata": {"message_id": m.message_id.strip("<>")},
             }
             if factory.reply_to:
-                item["ReplyTo"] = factory.reply_to
-            batch.append(item)
-        return ApiRequest("POST", "/email/batch", json=batch)
+                fields["ReplyTo"] = factory.reply_to
+            # The bodies go in already encoded: see Message.html_json.
+            batch.append(json_object(fields, {"HtmlBody": m.html_json, "TextBody": m.text_json}))
+        return ApiRequest("POST", "/email/batch", content=json_content(batch),
+                          headers={"Content-Type": "application/json"})
 
     def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
         try:

@@ -20,7 +20,7 @@ import httpx
 
 from ..message import Message
 from .base import FAILED, SENT, Outcome
-from .http import ApiRequest, HttpBackend
+from .http import RETRY, ApiRequest, HttpBackend, json_content, json_object
 
 
 class Backend(HttpBackend):
@@ -31,21 +31,28 @@ class Backend(HttpBackend):
         factory = messages[0].factory
         emails = []
         for m in messages:
-            item = {
+            fields = {
                 "from": factory.display_from,
                 "to": [m.display_to],
                 "subject": factory.subject,
-                "html": m.html,
-                "text": m.text,
                 "headers": m.headers(),
             }
             if factory.reply_to:
-                item["reply_to"] = factory.reply_to
-            emails.append(item)
+                fields["reply_to"] = factory.reply_to
+            # The bodies go in already encoded: see Message.html_json.
+            emails.append(json_object(fields, {"html": m.html_json, "text": m.text_json}))
         ids = hashlib.sha256("\n".join(m.message_id for m in messages).encode()).hexdigest()[:32]
         key = f"{factory.id_prefix}/{ids}"[:256]
-        return ApiRequest("POST", "/emails/batch", json=emails,
-                          headers={"Idempotency-Key": key, "x-batch-validation": "permissive"})
+        return ApiRequest("POST", "/emails/batch", content=json_content(emails),
+                          headers={"Content-Type": "application/json", "Idempotency-Key": key,
+                                   "x-batch-validation": "permissive"})
+
+    def verdict(self, response: httpx.Response) -> str:
+        # 409 concurrent_idempotent_requests: the first request with this key is still
+        # running; asking again later returns its answer.
+        if response.status_code == 409 and "concurrent" in response.text:
+            return RETRY
+        return super().verdict(response)
 
     def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
         try:
