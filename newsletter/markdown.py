@@ -9,7 +9,6 @@ Each function takes the token list from ``parse`` (a Markdown model caches its o
 
 from __future__ import annotations
 
-import textwrap
 from dataclasses import dataclass
 
 from markdown_it import MarkdownIt
@@ -92,15 +91,31 @@ def to_text(tokens: list[Token], width: int = 78) -> str:
 
 
 def wrap(text: str, width: int, first: str = "", rest: str | None = None) -> list[str]:
-    # URLs and other long words are never broken: a line may run long rather than cut one.
-    return textwrap.wrap(
-        text,
-        width=max(width, 20),
-        initial_indent=first,
-        subsequent_indent=first if rest is None else rest,
-        break_long_words=False,
-        break_on_hyphens=False,
-    ) or [first.rstrip()]
+    """Greedy wrapping at white space, like textwrap with break_long_words and
+    break_on_hyphens off (a URL or other long word is never cut, a line may run long
+    instead), at a fraction of its cost."""
+    width = max(width, 20)
+    rest = first if rest is None else rest
+    lines: list[str] = []
+    line = first
+    room = width - len(first)
+    at_start = True
+    for word in text.split():
+        if at_start:
+            line += word
+            room -= len(word)
+            at_start = False
+        elif len(word) < room:
+            line += " " + word
+            room -= len(word) + 1
+        else:
+            lines.append(line)
+            line = rest + word
+            room = width - len(line)
+    if at_start:
+        return [first.rstrip()]
+    lines.append(line)
+    return lines
 
 
 def _blocks(nodes, width: int) -> list[str]:
