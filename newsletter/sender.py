@@ -224,9 +224,12 @@ async def _one_pass(store, issue, factory, workers, batch_size, settings, summar
                 fatal.append(exc)
                 stop.set()
                 continue
+            # One jitter for the batch: its deferred rows fall due together and go out
+            # again as one batch (for Resend, under the same Idempotency-Key).
+            jitter = random.uniform(0.9, 1.1)
             with store.transaction(len(batch) > 1 or any(o.suppress for o in outcomes)):
                 for (delivery, _), outcome in zip(batch, outcomes, strict=True):
-                    _record(store, delivery, outcome, settings, summary)
+                    _record(store, delivery, outcome, settings, summary, jitter)
             for outcome in outcomes:
                 progress.advance(outcome.state)
 
@@ -262,13 +265,14 @@ async def _one_pass(store, issue, factory, workers, batch_size, settings, summar
         raise fatal[0]
 
 
-def _record(store: Store, delivery: Delivery, outcome: Outcome, settings, summary: SendSummary) -> None:
+def _record(store: Store, delivery: Delivery, outcome: Outcome, settings, summary: SendSummary,
+            jitter: float = 1.0) -> None:
     attempts = delivery.attempts + 1
     state, reply = outcome.state, outcome.reply
     if state == DEFERRED and attempts >= settings.max_attempts:
         state, reply = FAILED, f"gave up after {attempts} attempts; last reply: {reply}"
     if state == DEFERRED:
-        delay = settings.retry_delay * (2 ** (attempts - 1)) * random.uniform(0.9, 1.1)
+        delay = max(settings.retry_delay * (2 ** (attempts - 1)) * jitter, outcome.retry_after or 0.0)
         store.mark(delivery.id, DEFERRED, reply, next_try=time.time() + delay)
     else:
         store.mark(delivery.id, state, reply)

@@ -22,6 +22,7 @@ class Outcome:
     state: str  # sent, deferred or failed
     reply: str  # the server's words, for the ledger and `status`
     suppress: bool = False  # the address does not exist: never send to it again
+    retry_after: float | None = None  # deferred: not before this many seconds (a provider's word)
 
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")

@@ -46,6 +46,15 @@ class ApiRequest:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def json_body(response: httpx.Response) -> dict:
+    """The answer's JSON object, or {} for anything else: a 2xx is accepted whatever its body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 def json_object(fields: dict, encoded_strings: dict[str, str]) -> str:
     """A JSON object of `fields` plus string members whose values are already encoded
     (the inside of a JSON string, as Message.html_json gives)."""
@@ -209,7 +218,7 @@ class HttpWorker(Worker):
             reason = f"{backend.title} API response {status}: {text}"
             verdict = backend.verdict(response)
             if verdict == STOP:
-                what = "the API key was refused" if status in (401, 403) else "the settings are wrong"
+                what = "the API key (or the sender) was refused" if status in (401, 403) else "the settings are wrong"
                 raise SendError(f"{backend.name}: {what}: {reason}")
             if verdict == FAIL:
                 return [Outcome(FAILED, reason)] * len(messages)
@@ -217,5 +226,5 @@ class HttpWorker(Worker):
             if wait is not None and wait > MAX_RETRY_AFTER:
                 break
         tries = f"{attempt + 1} attempt{'s' * (attempt > 0)}"
-        return [Outcome(DEFERRED, f"{reason} (after {tries})")] * len(messages)
+        return [Outcome(DEFERRED, f"{reason} (after {tries})", retry_after=wait)] * len(messages)
 

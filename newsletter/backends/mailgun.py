@@ -22,7 +22,7 @@ from ..errors import SendError
 from ..message import Message
 from ..render import PLACEHOLDERS
 from .base import SENT, Outcome
-from .http import STOP, ApiRequest, HttpBackend
+from .http import STOP, ApiRequest, HttpBackend, json_body
 
 
 class Backend(HttpBackend):
@@ -32,10 +32,13 @@ class Backend(HttpBackend):
     def auth(self) -> httpx.Auth:
         return httpx.BasicAuth("api", self.settings.api_key or "")
 
-    def build(self, messages: list[Message]) -> ApiRequest:
-        domain = self.settings.extra.get("domain")
-        if not domain:
+    async def open_worker(self):
+        if not self.settings.extra.get("domain"):  # before anything is marked as sending
             raise SendError("mailgun: [mailgun] domain is not set (your sending domain, e.g. mg.example.com)")
+        return await super().open_worker()
+
+    def build(self, messages: list[Message]) -> ApiRequest:
+        domain = self.settings.extra["domain"]
         factory = messages[0].factory
         placeholder = PLACEHOLDERS["unsubscribe_url"]
         fields = {
@@ -66,9 +69,6 @@ class Backend(HttpBackend):
         return STOP if response.status_code == 404 else super().verdict(response)
 
     def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
-        try:
-            body = response.json()
-        except ValueError:
-            body = {}
+        body = json_body(response)
         detail = f"{response.status_code} {body.get('message', 'accepted')} {body.get('id', '')}".strip()
         return [Outcome(SENT, detail)] * len(messages)

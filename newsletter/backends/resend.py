@@ -15,12 +15,13 @@ errors ``{"statusCode", "message", "name"}``.
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 import httpx
 
 from ..message import Message
 from .base import FAILED, SENT, Outcome
-from .http import RETRY, ApiRequest, HttpBackend, json_content, json_object
+from .http import RETRY, ApiRequest, HttpBackend, json_body, json_content, json_object
 
 
 class Backend(HttpBackend):
@@ -42,7 +43,9 @@ class Backend(HttpBackend):
             # The bodies go in already encoded: see Message.html_json.
             emails.append(json_object(fields, {"html": m.html_json, "text": m.text_json}))
         ids = hashlib.sha256("\n".join(m.message_id for m in messages).encode()).hexdigest()[:32]
-        key = f"{factory.id_prefix}/{ids}"[:256]
+        key = f"{factory.id_prefix}/{ids}"
+        if factory.test_send:  # a proof sent again must go again, not be answered from the key
+            key += f"/{secrets.token_hex(4)}"
         return ApiRequest("POST", "/emails/batch", content=json_content(emails),
                           headers={"Content-Type": "application/json", "Idempotency-Key": key,
                                    "x-batch-validation": "permissive"})
@@ -55,12 +58,9 @@ class Backend(HttpBackend):
         return super().verdict(response)
 
     def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
-        try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        errors = {e.get("index"): e.get("message", "") for e in body.get("errors") or [] if isinstance(e, dict)}
-        created = iter(body.get("data") or [])
+        body = json_body(response)
+        errors = {e.get("index"): e.get("message", "") for e in _list(body.get("errors")) if isinstance(e, dict)}
+        created = iter(item if isinstance(item, dict) else {} for item in _list(body.get("data")))
         outcomes = []
         for index in range(len(messages)):
             if index in errors:
@@ -69,3 +69,7 @@ class Backend(HttpBackend):
                 item = next(created, {}) or {}
                 outcomes.append(Outcome(SENT, f"{response.status_code} {item.get('id', 'accepted')}"))
         return outcomes
+
+
+def _list(value) -> list:
+    return value if isinstance(value, list) else []

@@ -14,6 +14,7 @@ come later, by webhook). Errors: ``{"errors": [{"message": ..., "field": ...}]}`
 from __future__ import annotations
 
 import html
+import time
 
 import httpx
 
@@ -46,6 +47,16 @@ class Backend(HttpBackend):
         if factory.reply_to:
             body["reply_to"] = {"email": factory.reply_to}
         return ApiRequest("POST", "/v3/mail/send", json=body)
+
+    def retry_after(self, response: httpx.Response) -> float | None:
+        # SendGrid's 429 says when its window resets (X-RateLimit-Reset, Unix time), not Retry-After.
+        reset = response.headers.get("x-ratelimit-reset")
+        if reset is not None and response.headers.get("retry-after") is None:
+            try:
+                return max(0.0, float(reset) - time.time())
+            except ValueError:
+                return None
+        return super().retry_after(response)
 
     def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
         batch = response.headers.get("x-message-id", "")

@@ -24,7 +24,7 @@ import httpx
 from ..errors import SendError
 from ..message import Message
 from .base import SENT, Outcome
-from .http import ApiRequest, HttpBackend
+from .http import ApiRequest, HttpBackend, json_body
 
 
 class Backend(HttpBackend):
@@ -69,10 +69,7 @@ class Backend(HttpBackend):
         return f"{kind}: {text}" if kind else text
 
     def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
-        try:
-            message_id = response.json().get("MessageId", "")
-        except ValueError:
-            message_id = ""
+        message_id = json_body(response).get("MessageId", "")
         return [Outcome(SENT, f"{response.status_code} MessageId {message_id}".strip())]
 
 

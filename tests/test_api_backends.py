@@ -1,0 +1,767 @@
+"""Sending through the HTTP email APIs (SendGrid, Mailgun, Postmark, Resend, SES) against one
+real loopback server that checks each request against the provider's documented shape,
+auth and limits (api_server.py): every subscriber gets exactly one message of their own,
+batches keep to the limits, 429/5xx/timeouts are retried and then deferred, 4xx and
+per-message errors fail only whom they name, a refused key stops the run with nothing lost
+and never shows the key."""
+
+import asyncio
+import html
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from email.utils import getaddresses
+
+import pytest
+
+from api_server import AWS_KEY_ID, AWS_SECRET, KEYS, LIMITS, MAILGUN_DOMAIN, PROVIDERS, SES_REGION, ApiServer
+from conftest import EXAMPLE, ROOT
+from newsletter.backends import get_backend
+from newsletter.config import load_config
+from newsletter.errors import ConfigError, SendError
+from newsletter.message import MessageFactory
+from newsletter.reader import read_issue
+from newsletter.recipients import Recipient
+from newsletter.render import Renderer
+from newsletter.sender import send_issue
+from newsletter.store import Store
+from newsletter.tokens import Signer
+
+SECRET = "test-secret-not-for-production"
+BATCHED = [p for p in PROVIDERS if LIMITS[p] > 1]  # all but SES, which sends one message a request
+TITLES = {"sendgrid": "SendGrid", "mailgun": "Mailgun", "postmark": "Postmark", "resend": "Resend",
+          "ses": "Amazon SES"}
+ISSUE = EXAMPLE.stem
+
+
+@pytest.fixture(autouse=True)
+def aws_credentials(monkeypatch):
+    """SES reads the standard AWS variables from the process environment."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+
+
+def api_env(tmp_path, server, provider, send=None, keep_rate=False, **api):
+    """Settings for `provider` pointed at the fake server; `api` are [provider] settings
+    (batch_size=7), `send` are [send] settings. Resend and SES get no rate limit unless
+    keep_rate, so that the tests not about it stay quick."""
+    p = provider.upper()
+    env = {
+        "NEWSLETTER_SECRET": SECRET,
+        "NEWSLETTER_DESIGN_TEMPLATES": str(ROOT / "templates"),
+        "NEWSLETTER_STORE_PATH": str(tmp_path / "store.sqlite3"),
+        "NEWSLETTER_SEND_BACKEND": provider,
+        "NEWSLETTER_SEND_OUTBOX": str(tmp_path / "outbox"),
+        "NEWSLETTER_SEND_RETRY_DELAY": "0.05",
+        "NEWSLETTER_SEND_MAX_WAIT": "10",
+        f"NEWSLETTER_{p}_BASE_URL": server.url,
+        f"NEWSLETTER_{p}_TIMEOUT": "5",
+        f"NEWSLETTER_{p}_MAX_RETRIES": "3",
+        f"NEWSLETTER_{p}_RETRY_DELAY": "0.05",
+    }
+    if provider in KEYS:
+        env[f"NEWSLETTER_{p}_API_KEY"] = KEYS[provider]
+    if provider == "mailgun":
+        env["NEWSLETTER_MAILGUN_DOMAIN"] = MAILGUN_DOMAIN
+    if provider == "ses":
+        env["NEWSLETTER_SES_REGION"] = SES_REGION
+    if provider in ("resend", "ses") and not keep_rate:
+        env[f"NEWSLETTER_{p}_REQUESTS_PER_SECOND"] = "0"
+    env.update({f"NEWSLETTER_{p}_{k.upper()}": str(v) for k, v in api.items()})
+    env.update({f"NEWSLETTER_SEND_{k.upper()}": str(v) for k, v in (send or {}).items()})
+    return env
+
+
+def config_for(env):
+    return load_config(ROOT / "newsletter.toml", environ=env)
+
+
+def subscribe(config, addresses):
+    with Store(config.store.path) as store:
+        for address in addresses:
+            store.add(Recipient(address, f"Reader {address.split('@')[0]}"), "test")
+
+
+def addresses(n, prefix="r"):
+    return [f"{prefix}{i}@example.com" for i in range(n)]
+
+
+def ledger(config):
+    """email -> (state, reply, attempts)"""
+    with Store(config.store.path) as store:
+        return {e: (s, r, a) for e, s, r, a in store.db.execute("SELECT email, state, reply, attempts FROM deliveries")}
+
+
+def counts(config):
+    with Store(config.store.path) as store:
+        return store.counts(ISSUE)
+
+
+def unsubscribe_url(received) -> str:
+    return re.match(r"<([^>]+)>", received.headers["list-unsubscribe"])[1]
+
+
+def assert_each_has_their_own_message(server, config, everyone):
+    """Exactly one message each, addressed to them alone, with their own signed unsubscribe
+    URL in the HTML, the text and List-Unsubscribe, and List-Unsubscribe-Post."""
+    assert server.delivered() == {a: 1 for a in everyone}
+    signer = Signer(SECRET.encode(), config.publication.list_id)
+    subject = read_issue(EXAMPLE).subject
+    urls = set()
+    for r in server.received:
+        url = unsubscribe_url(r)
+        urls.add(url)
+        assert signer.verify(re.search(r"[\w-]+$", url)[0]) == signer.recipient_key(r.address), r.address
+        assert f'href="{html.escape(url)}"' in r.html, r.address  # &amp; in HTML ...
+        assert url in r.text and html.escape(url) not in r.text.replace(url, ""), r.address  # ... & in text
+        assert "mailto:unsubscribe@watchman.example" in r.headers["list-unsubscribe"]
+        assert r.headers["list-unsubscribe-post"] == "List-Unsubscribe=One-Click"
+        assert [a for _, a in getaddresses([r.to])] == [r.address]  # nobody sees the others
+        assert r.subject == subject
+        for leftover in ("{{unsubscribe_url}}", "-unsub_html-", "-unsub_text-", "%recipient."):
+            assert leftover not in r.html + r.text + str(r.headers), (r.address, leftover)
+    assert len(urls) == len(everyone)
+
+
+# -- every recipient once, batches within the limits --------------------------------------------
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_each_subscriber_gets_exactly_one_message_of_their_own(tmp_path, provider):
+    n = 250 if provider != "ses" else 50  # SES: one request a message; 50 show that as well as 250
+    everyone = addresses(n)
+    with ApiServer() as server:
+        # The provider's defaults (batch size; Resend's 2 requests a second), but no rate limit for
+        # SES, whose 14 a second is only a number here.
+        config = config_for(api_env(tmp_path, server, provider, keep_rate=provider == "resend"))
+        assert config.apis[provider].batch_size == LIMITS[provider]
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+        assert summary.this_run["sent"] == n and summary.counts["sent"] == n
+        assert_each_has_their_own_message(server, config, everyone)
+        accepted = server.accepted()
+        limit = LIMITS[provider]
+        assert len(accepted) == math.ceil(n / limit) == len(server.requests)
+        full, rest = divmod(n, limit)
+        assert sorted(len(r.recipients) for r in accepted) == sorted([limit] * full + [rest] * bool(rest))
+        if provider == "ses":
+            assert all(r.sig_verified for r in accepted)
+        if provider == "resend":  # 3 batches at 2 a second
+            starts = sorted(r.arrived for r in accepted)
+            assert starts[-1] - starts[0] >= 0.9 * 1.0
+        replies = {reply for _, reply, _ in ledger(config).values()}
+        assert all(reply for reply in replies)
+        again = send_issue(EXAMPLE, config)  # a finished send sends nobody anything
+        assert again.this_run["sent"] == 0 and len(server.received) == n
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_an_unsubscribe_url_with_an_ampersand_is_escaped_in_the_html_only(tmp_path, provider):
+    with ApiServer() as server:
+        env = {**api_env(tmp_path, server, provider),
+               "NEWSLETTER_PUBLICATION_UNSUBSCRIBE_URL": "https://watchman.example/u?list=brief&token={token}"}
+        config = config_for(env)
+        subscribe(config, addresses(3))
+        send_issue(EXAMPLE, config)
+        assert_each_has_their_own_message(server, config, addresses(3))
+        for r in server.received:
+            assert "&amp;token=" in r.html and "?list=brief&token=" in r.text
+            assert "&amp;" not in r.headers["list-unsubscribe"]
+
+
+@pytest.mark.parametrize("provider", BATCHED)
+def test_a_small_batch_size_is_used(tmp_path, provider):
+    with ApiServer() as server:
+        config = config_for(api_env(tmp_path, server, provider, batch_size=7))
+        subscribe(config, addresses(20))
+        summary = send_issue(EXAMPLE, config)
+        assert summary.counts["sent"] == 20
+        assert sorted(len(r.recipients) for r in server.accepted()) == [6, 7, 7]
+        assert_each_has_their_own_message(server, config, addresses(20))
+
+
+@pytest.mark.parametrize("provider", BATCHED)
+def test_one_over_the_provider_limit_makes_two_requests(tmp_path, provider):
+    n = LIMITS[provider] + 1
+    with ApiServer() as server:
+        config = config_for(api_env(tmp_path, server, provider))
+        subscribe(config, addresses(n))
+        summary = send_issue(EXAMPLE, config)
+        assert summary.counts["sent"] == n
+        assert sorted(len(r.recipients) for r in server.requests) == [1, LIMITS[provider]]
+        assert server.delivered() == {a: 1 for a in addresses(n)}
+
+
+@pytest.mark.parametrize("provider", BATCHED)
+def test_batch_size_over_the_provider_limit_is_refused_by_the_settings(tmp_path, provider):
+    with ApiServer() as server:
+        with pytest.raises(ConfigError, match=f"expected a number from 1 to {LIMITS[provider]}"):
+            config_for(api_env(tmp_path, server, provider, batch_size=LIMITS[provider] + 1))
+
+
+# -- retries: 429, 5xx, timeouts, then deferred --------------------------------------------------
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_429_waits_for_retry_after_then_sends(tmp_path, provider):
+    with ApiServer() as server:
+        server.throttle(1, retry_after=1)
+        config = config_for(api_env(tmp_path, server, provider, batch_size=LIMITS[provider]))
+        everyone = addresses(3 if provider != "ses" else 1)
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+        assert summary.counts["sent"] == len(everyone) and summary.this_run["deferred"] == 0
+        assert [r.outcome for r in server.requests] == ["throttled", "accepted"]
+        assert server.requests[1].arrived - server.requests[0].arrived >= 0.9 * 1.0
+        assert server.delivered() == {a: 1 for a in everyone}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_500_is_retried_with_backoff_then_sends(tmp_path, provider):
+    with ApiServer() as server:
+        server.fail(2)
+        config = config_for(api_env(tmp_path, server, provider, retry_delay=0.1))
+        subscribe(config, ["solo@example.com"])
+        summary = send_issue(EXAMPLE, config)
+        assert summary.counts["sent"] == 1 and summary.this_run["deferred"] == 0
+        assert ledger(config)["solo@example.com"][2] == 1  # one attempt in the ledger: the retries were the client's
+        assert [r.outcome for r in server.requests] == ["failed", "failed", "accepted"]
+        first, second, third = (r.arrived for r in server.requests)
+        assert second - first >= 0.9 * 0.1 and third - second >= 0.9 * 0.2  # doubling
+        assert server.delivered() == {"solo@example.com": 1}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_an_answer_slower_than_the_timeout_is_retried(tmp_path, provider):
+    with ApiServer() as server:
+        server.slow(0.6, "before")  # the provider never takes it; the client gives up at 0.3 s
+        config = config_for(api_env(tmp_path, server, provider, timeout=0.3))
+        subscribe(config, ["solo@example.com"])
+        summary = send_issue(EXAMPLE, config)
+        assert summary.counts["sent"] == 1 and summary.this_run["deferred"] == 0  # retried at once, not deferred
+        assert ledger(config)["solo@example.com"][2] == 1
+        assert [r.outcome for r in server.requests] == ["dropped", "accepted"]
+        assert server.requests[1].arrived - server.requests[0].arrived >= 0.9 * 0.3
+        assert server.delivered() == {"solo@example.com": 1}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_after_max_retries_the_batch_is_deferred_and_a_later_send_delivers_it(tmp_path, provider):
+    everyone = addresses(3)
+    with ApiServer() as server:
+        server.fail(3 * len(everyone) if provider == "ses" else 3)
+        env = api_env(tmp_path, server, provider, max_retries=2, requests_in_flight=1,
+                      send={"retry_delay": 30, "max_wait": 0})
+        config = config_for(env)
+        subscribe(config, everyone)
+        first = send_issue(EXAMPLE, config)
+        assert first.this_run["deferred"] == 3 and first.counts["deferred"] == 3 and first.counts["failed"] == 0
+        assert first.stopped and "deferred messages are due" in first.stopped
+        assert server.received == [] and all(r.outcome == "failed" for r in server.requests)
+        assert len(server.requests) == 3 * (len(everyone) if provider == "ses" else 1)
+        with Store(config.store.path) as store:
+            problems = store.problems(ISSUE)
+        assert [p[0] for p in problems] == everyone
+        for email, state, reply, attempts in problems:
+            assert state == "deferred" and attempts == 1
+            assert reply.startswith(f"{TITLES[provider]} API response 500: ") and reply.endswith("(after 3 attempts)")
+        too_soon = send_issue(EXAMPLE, config)  # not due yet: nothing is sent
+        assert too_soon.this_run["sent"] == 0 and too_soon.counts["deferred"] == 3
+        assert len(server.requests) == 3 * (len(everyone) if provider == "ses" else 1)
+        with Store(config.store.path) as store:  # 30 s (with up to 10% jitter) later
+            store.db.execute("UPDATE deliveries SET next_try = next_try - 40")
+        second = send_issue(EXAMPLE, config)
+        assert second.this_run["sent"] == 3 and second.counts == {**second.counts, "sent": 3, "deferred": 0}
+        assert server.delivered() == {a: 1 for a in everyone}
+
+
+# -- errors that fail only whom they name ---------------------------------------------------------
+
+EXPECTED_4XX = {
+    "sendgrid": (400, "The email address r4@example.com is on a block list."),
+    "mailgun": (400, "'to' parameter is not a valid address: r4@example.com"),
+    "postmark": (422, "Invalid 'To' address: 'r4@example.com'."),
+    "resend": (422, "Invalid `to` field: r4@example.com"),
+    "ses": (400, "MessageRejected: Email address is not verified."),
+}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_4xx_fails_that_batch_once_and_the_other_batches_still_go(tmp_path, provider):
+    everyone = addresses(9)
+    with ApiServer() as server:
+        server.reject("r4@example.com")
+        config = config_for(api_env(tmp_path, server, provider, batch_size=min(3, LIMITS[provider])))
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+        [refused] = server.seen("r4@example.com")  # one request, never retried
+        assert refused.outcome == "rejected"
+        failed = set(refused.recipients)
+        assert len(failed) == (1 if provider == "ses" else 3)
+        states = ledger(config)
+        status, text = EXPECTED_4XX[provider]
+        for address in failed:
+            state, reply, attempts = states[address]
+            assert state == "failed" and attempts == 1
+            assert reply.startswith(f"{TITLES[provider]} API response {status}: ") and text in reply
+        assert server.delivered() == {a: 1 for a in everyone if a not in failed}
+        assert summary.counts["sent"] == 9 - len(failed) and summary.counts["failed"] == len(failed)
+        send_issue(EXAMPLE, config)  # a later run does not retry the failed ones
+        assert len(server.seen("r4@example.com")) == 1
+
+
+def test_postmark_inactive_recipient_is_failed_and_suppressed_while_the_rest_is_sent(tmp_path):
+    everyone = addresses(5)
+    with ApiServer() as server:
+        server.inactive("r2@example.com")
+        config = config_for(api_env(tmp_path, server, "postmark"))
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+        assert len(server.requests) == 1
+        assert server.delivered() == {a: 1 for a in everyone if a != "r2@example.com"}
+        states = ledger(config)
+        state, reply, _ = states["r2@example.com"]
+        assert state == "failed" and reply.startswith("Postmark 406: You tried to send to a recipient that has been "
+                                                      "marked as inactive.")
+        ids = {r.address: r.id for r in server.received}
+        for address in ids:  # and each sent one has its own MessageID
+            assert states[address][0] == "sent" and ids[address] in states[address][1]
+        with Store(config.store.path) as store:
+            assert store.suppressed("r2@example.com")
+            assert dict(store.db.execute("SELECT email, status FROM subscribers WHERE status != 'subscribed'")) == {
+                "r2@example.com": "bounced"}
+        assert summary.counts["sent"] == 4 and summary.counts["failed"] == 1
+        send_issue(EXAMPLE, config)
+        assert len(server.seen("r2@example.com")) == 1
+
+
+def test_resend_permissive_error_fails_only_that_email(tmp_path):
+    everyone = addresses(5)
+    with ApiServer() as server:
+        server.inactive("r1@example.com", "r3@example.com")
+        config = config_for(api_env(tmp_path, server, "resend"))
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+        [request] = server.requests
+        assert request.headers["x-batch-validation"] == "permissive"
+        assert server.delivered() == {a: 1 for a in ("r0@example.com", "r2@example.com", "r4@example.com")}
+        states = ledger(config)
+        for address in ("r1@example.com", "r3@example.com"):
+            assert states[address][:2] == ("failed", f"Resend: The `to` address {address} is on the suppression list.")
+        for r in server.received:  # the ids in data[] are matched to the right emails around the errors
+            assert states[r.address][0] == "sent" and r.id in states[r.address][1]
+        assert summary.counts["sent"] == 3 and summary.counts["failed"] == 2
+
+
+# -- the key: refused, missing, never shown -------------------------------------------------------
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_refused_key_stops_the_run_with_everything_still_pending(tmp_path, provider, monkeypatch):
+    wrong = "wrong-K3y-That-Must-Never-Leak-9999"
+    with ApiServer() as server:
+        env = api_env(tmp_path, server, provider, batch_size=min(2, LIMITS[provider]))
+        if provider == "ses":
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)  # signed, but with the wrong secret
+        else:
+            env[f"NEWSLETTER_{provider.upper()}_API_KEY"] = wrong
+        config = config_for(env)
+        subscribe(config, addresses(7))
+        with pytest.raises(SendError) as caught:
+            send_issue(EXAMPLE, config)
+        text = str(caught.value)
+        assert text.startswith(f"{provider}: ") and f"{TITLES[provider]} API response 40" in text
+        assert wrong not in text and AWS_SECRET not in text and KEYS.get(provider, AWS_SECRET) not in text
+        assert counts(config)["pending"] == 7
+        assert server.received == [] and server.requests
+        assert {r.outcome for r in server.requests} == {"unauthorized"}
+        assert all(wrong not in (reply or "") for _, reply, _ in ledger(config).values())
+        if provider == "ses":
+            assert "SignatureDoesNotMatch" in text
+        # With the right key, the next run sends everyone once.
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+        summary = send_issue(EXAMPLE, config_for(api_env(tmp_path, server, provider)))
+        assert summary.counts["sent"] == 7 and server.delivered() == {a: 1 for a in addresses(7)}
+
+
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p in KEYS])
+def test_a_missing_key_stops_before_any_request(tmp_path, provider):
+    with ApiServer() as server:
+        env = api_env(tmp_path, server, provider)
+        del env[f"NEWSLETTER_{provider.upper()}_API_KEY"]
+        config = config_for(env)
+        subscribe(config, addresses(2))
+        with pytest.raises(SendError, match=f"NEWSLETTER_{provider.upper()}_API_KEY is not set"):
+            send_issue(EXAMPLE, config)
+        assert server.requests == [] and counts(config)["pending"] == 2
+
+
+def cli(args, env):
+    run = subprocess.run([sys.executable, "-m", "newsletter", *map(str, args)], cwd=ROOT,
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    return run.returncode, run.stdout, run.stderr
+
+
+def test_the_cli_sends_through_postmark_and_never_prints_the_key(tmp_path):
+    with ApiServer() as server:
+        env = {**api_env(tmp_path, server, "postmark"), "NEWSLETTER_SEND_BACKEND": "outbox"}
+        subscribe(config_for(env), addresses(4))
+        code, out, err = cli(["send", EXAMPLE, "--backend", "postmark"], env)
+        assert code == 0, err
+        assert f"{ISSUE}: sent 4, deferred 0, failed 0, skipped 0" in out
+        assert f"postmark {server.url}" in err  # the progress line names where it sends
+        code, status_out, status_err = cli(["status", ISSUE], env)
+        for text in (out, err, status_out, status_err):
+            assert KEYS["postmark"] not in text and "Traceback" not in text
+        assert server.delivered() == {a: 1 for a in addresses(4)}
+
+        wrong = "wrong-postmark-K3y-That-Must-Never-Leak-8888"
+        subscribe(config_for(env), ["late@example.com"])
+        code, out, err = cli(["send", EXAMPLE, "--backend", "postmark"], {
+            **env, "NEWSLETTER_POSTMARK_API_KEY": wrong})
+        assert code == 2 and "newsletter: postmark: " in err and "Postmark API response 401: The Server API Token" in err
+        assert wrong not in out + err and "Traceback" not in err
+
+
+# -- Resend: rate limit and Idempotency-Key --------------------------------------------------------
+
+def test_resend_default_rate_of_two_requests_a_second_is_honoured(tmp_path):
+    with ApiServer() as server:
+        config = config_for(api_env(tmp_path, server, "resend", keep_rate=True, batch_size=2))
+        assert config.apis["resend"].requests_per_second == 2.0
+        subscribe(config, addresses(6))
+        send_issue(EXAMPLE, config)
+        starts = sorted(r.arrived for r in server.accepted())
+        assert len(starts) == 3
+        assert starts[-1] - starts[0] >= 0.9 * 1.0
+        assert all(b - a >= 0.9 * 0.5 for a, b in zip(starts, starts[1:]))
+
+
+def test_resend_retry_carries_the_same_idempotency_key_and_body(tmp_path):
+    with ApiServer() as server:
+        server.fail(1)
+        config = config_for(api_env(tmp_path, server, "resend", batch_size=2, requests_in_flight=1))
+        subscribe(config, addresses(4))
+        send_issue(EXAMPLE, config)
+        first, retry, other = server.requests
+        assert [first.outcome, retry.outcome, other.outcome] == ["failed", "accepted", "accepted"]
+        assert first.idempotency_key and 1 <= len(first.idempotency_key) <= 256
+        assert retry.idempotency_key == first.idempotency_key and retry.json() == first.json()
+        assert other.idempotency_key and other.idempotency_key != first.idempotency_key
+        assert server.delivered() == {a: 1 for a in addresses(4)}
+
+
+def test_resend_lost_answer_is_retried_without_sending_twice(tmp_path):
+    everyone = addresses(3)
+    with ApiServer() as server:
+        server.slow(0.8, "after")  # taken and recorded, but the answer comes after the client gave up
+        config = config_for(api_env(tmp_path, server, "resend", timeout=0.3, requests_in_flight=1))
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+        server.wait_idle()
+        assert [r.outcome for r in server.requests] == ["accepted", "replayed"]
+        assert server.requests[0].idempotency_key == server.requests[1].idempotency_key
+        assert server.delivered() == {a: 1 for a in everyone}
+        assert summary.counts["sent"] == 3
+        states = ledger(config)
+        for r in server.received:  # the replayed answer names the first request's emails
+            assert r.id in states[r.address][1]
+
+
+def test_resend_retry_while_the_first_request_is_still_in_progress_waits_for_it(tmp_path):
+    everyone = addresses(3)
+    with ApiServer() as server:
+        server.slow(0.7, "during")  # the key is in progress for 0.7 s; the client gives up at 0.3 s
+        config = config_for(api_env(tmp_path, server, "resend", timeout=0.3, requests_in_flight=1, max_retries=5,
+                                    retry_delay=0.1))
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+        server.wait_idle()
+        assert server.delivered() == {a: 1 for a in everyone}  # the first request did deliver
+        assert summary.counts["sent"] == 3 and summary.counts["failed"] == 0
+        outcomes = [r.outcome for r in server.requests]  # 409 concurrent_idempotent_requests, then the replay
+        assert outcomes[0] == "accepted" and "conflict" in outcomes and outcomes[-1] == "replayed"
+
+
+def test_resend_crashed_send_resumes_with_the_same_keys_and_does_not_send_twice(tmp_path):
+    everyone = addresses(4)
+    with ApiServer() as server:
+        config = config_for(api_env(tmp_path, server, "resend", batch_size=2, requests_in_flight=1))
+        subscribe(config, everyone)
+        send_issue(EXAMPLE, config)
+        keys = [r.idempotency_key for r in server.requests]
+        with Store(config.store.path) as store:  # as if killed before any answer was recorded
+            store.db.execute("UPDATE deliveries SET state = 'sending'")
+        resumed = send_issue(EXAMPLE, config)
+        assert sorted(resumed.resent_in_flight) == everyone
+        assert [r.outcome for r in server.requests[2:]] == ["replayed", "replayed"]
+        assert [r.idempotency_key for r in server.requests[2:]] == keys
+        assert server.delivered() == {a: 1 for a in everyone}
+        assert resumed.counts["sent"] == 4
+
+
+# -- SES -------------------------------------------------------------------------------------------
+
+def test_ses_signs_each_message_and_sends_one_request_each(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "fake-session-token")
+    everyone = addresses(5)
+    with ApiServer(aws_token="fake-session-token") as server:
+        config = config_for(api_env(tmp_path, server, "ses"))
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+        assert summary.counts["sent"] == 5
+        assert len(server.requests) == 5 and all(r.sig_verified for r in server.requests)
+        for request in server.requests:
+            assert f"Credential={AWS_KEY_ID}/" in request.headers["authorization"]
+            assert f"/{SES_REGION}/ses/aws4_request" in request.headers["authorization"]
+            assert "x-amz-security-token" in request.headers["authorization"]
+            body = request.json()
+            assert body["Destination"] == {"ToAddresses": [request.recipients[0]]}
+            assert "ListManagementOptions" not in body  # or SES adds its own List-Unsubscribe
+        assert_each_has_their_own_message(server, config, everyone)
+        for r in server.received:  # the raw MIME itself carries both headers
+            assert r.headers["list-unsubscribe"].startswith("<https://watchman.example/unsubscribe/")
+            assert r.headers["message-id"] and r.headers["from"]
+        ids = {r.address: r.id for r in server.received}
+        for address, (state, reply, _) in ledger(config).items():
+            assert state == "sent" and ids[address] in reply
+
+
+def test_ses_without_aws_credentials_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with ApiServer() as server:
+        config = config_for(api_env(tmp_path, server, "ses"))
+        subscribe(config, addresses(2))
+        with pytest.raises(SendError, match="ses: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set"):
+            send_issue(EXAMPLE, config)
+        assert server.requests == [] and counts(config)["pending"] == 2
+
+
+# -- Mailgun -----------------------------------------------------------------------------------------
+
+def test_mailgun_eu_base_url_is_used_as_given(tmp_path):
+    with ApiServer(prefixes=("", "/eu")) as server:  # /eu stands for https://api.eu.mailgun.net
+        config = config_for(api_env(tmp_path, server, "mailgun", base_url=server.url + "/eu"))
+        subscribe(config, addresses(3))
+        summary = send_issue(EXAMPLE, config)
+        assert summary.counts["sent"] == 3
+        assert [(r.path, r.prefix) for r in server.requests] == [(f"/eu/v3/{MAILGUN_DOMAIN}/messages", "/eu")]
+        assert_each_has_their_own_message(server, config, addresses(3))
+        message_ids = {r.headers["message-id"] for r in server.received}  # h:Message-Id per recipient
+        assert len(message_ids) == 3 and all(re.fullmatch(r"<[^<>@]+@watchman\.example>", m) for m in message_ids)
+
+
+def test_mailgun_without_a_domain_is_a_clear_error(tmp_path):
+    with ApiServer() as server:
+        env = api_env(tmp_path, server, "mailgun")
+        del env["NEWSLETTER_MAILGUN_DOMAIN"]
+        config = config_for(env)
+        subscribe(config, addresses(2))
+        with pytest.raises(SendError, match=r"mailgun: \[mailgun\] domain is not set"):
+            send_issue(EXAMPLE, config)
+        assert server.requests == [] and counts(config)["pending"] == 2
+
+
+def test_mailgun_unknown_domain_stops_the_run_with_everyone_still_pending(tmp_path):
+    """A wrong domain (or one of the other region) is a settings problem, like a bad key:
+    every batch would fail alike, so nobody may be marked failed for good."""
+    with ApiServer() as server:
+        config = config_for({**api_env(tmp_path, server, "mailgun", batch_size=2),
+                             "NEWSLETTER_MAILGUN_DOMAIN": "mg.example.org"})
+        subscribe(config, addresses(5))
+        with pytest.raises(SendError, match="Mailgun API response 404: Domain not found: mg.example.org"):
+            send_issue(EXAMPLE, config)
+        assert {r.status for r in server.requests} == {404}
+        assert counts(config)["pending"] == 5
+
+
+# -- resuming ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_rows_left_sending_are_resent_and_counted_once(tmp_path, provider):
+    everyone = addresses(6)
+    with ApiServer() as server:
+        config = config_for(api_env(tmp_path, server, provider))
+        subscribe(config, everyone)
+        with Store(config.store.path) as store:  # an earlier run that died with two in flight
+            store.enqueue_subscribers(ISSUE, Signer(SECRET.encode(), config.publication.list_id).recipient_key)
+            store.db.execute("UPDATE deliveries SET state = 'sent' WHERE email IN ('r0@example.com', 'r1@example.com')")
+            store.db.execute("UPDATE deliveries SET state = 'sending', attempts = 1"
+                             " WHERE email IN ('r2@example.com', 'r3@example.com')")
+        summary = send_issue(EXAMPLE, config)
+        assert summary.resent_in_flight == ["r2@example.com", "r3@example.com"]
+        assert server.delivered() == {a: 1 for a in everyone[2:]}
+        assert summary.this_run["sent"] == 4
+        assert summary.counts == {"pending": 0, "sending": 0, "sent": 6, "deferred": 0, "failed": 0, "skipped": 0}
+        states = ledger(config)
+        assert states["r2@example.com"][2] == 2 and states["r4@example.com"][2] == 1
+
+
+# -- known gaps, against the real server ---------------------------------------------------------------
+
+# Regression: SendGrid's X-RateLimit-Reset was once ignored (it sends no Retry-After).
+def test_sendgrid_429_waits_for_x_ratelimit_reset(tmp_path):
+    with ApiServer() as server:
+        server.rate_limited_until = math.ceil(time.time()) + 1
+        config = config_for(api_env(tmp_path, server, "sendgrid"))
+        subscribe(config, addresses(2))
+        summary = send_issue(EXAMPLE, config)
+        assert summary.counts["sent"] == 2
+        assert [r.outcome for r in server.requests] == ["throttled", "accepted"]
+
+
+# Regression: deferral jitter was once drawn per row, splitting a deferred batch.
+def test_a_deferred_batch_is_retried_as_one_batch(tmp_path):
+    with ApiServer() as server:
+        server.fail(3)
+        config = config_for(api_env(tmp_path, server, "postmark", max_retries=2, send={"retry_delay": 0.5}))
+        subscribe(config, addresses(40))
+        summary = send_issue(EXAMPLE, config)
+        assert summary.counts["sent"] == 40 and server.delivered() == {a: 1 for a in addresses(40)}
+        assert [len(r.recipients) for r in server.accepted()] == [40]
+
+
+# Regression: a deferred Resend batch once came back in pieces under new Idempotency-Keys.
+def test_resend_deferred_batch_whose_answers_were_lost_is_not_sent_twice(tmp_path):
+    everyone = addresses(40)
+    with ApiServer() as server:
+        server.slow(0.6, "after")  # taken, answer lost
+        server.slow(0.6, "before")  # the retry: no answer either; the batch is deferred
+        config = config_for(api_env(tmp_path, server, "resend", timeout=0.3, max_retries=1, requests_in_flight=1,
+                                    send={"retry_delay": 1.0}))
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+        server.wait_idle()
+        assert summary.counts["sent"] == 40
+        assert server.delivered() == {a: 1 for a in everyone}
+
+
+def test_a_malformed_retry_after_falls_back_to_backoff(tmp_path):
+    with ApiServer() as server:
+        server.throttle(1, retry_after="in a moment")
+        config = config_for(api_env(tmp_path, server, "postmark"))
+        subscribe(config, addresses(2))
+        summary = send_issue(EXAMPLE, config)
+        assert summary.counts["sent"] == 2 and summary.this_run["deferred"] == 0
+        assert [r.outcome for r in server.requests] == ["throttled", "accepted"]
+
+
+@pytest.mark.parametrize("provider", ["mailgun", "resend", "ses"])
+# Regression: an unexpected 2xx body once crashed Mailgun's, Resend's and SES's results().
+def test_a_2xx_answer_of_an_unexpected_shape_does_not_crash_the_send(tmp_path, provider):
+    with ApiServer() as server:
+        server.garble(1)
+        config = config_for(api_env(tmp_path, server, provider))
+        subscribe(config, ["solo@example.com"])
+        summary = send_issue(EXAMPLE, config)
+        assert summary.counts["sending"] == 0
+
+
+def test_a_send_whose_workers_all_crash_ends_instead_of_hanging(tmp_path):
+    """Every worker dies of an exception that is not SendError (the AttributeError above):
+    the producer must not wait for ever on the full queue."""
+    with ApiServer() as server:
+        server.garble(50)
+        env = api_env(tmp_path, server, "resend", batch_size=2)  # 15 batches; the queue holds 4
+        subscribe(config_for(env), addresses(30))
+        run = subprocess.Popen([sys.executable, "-m", "newsletter", "send", str(EXAMPLE)], cwd=ROOT,
+                               env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            run.communicate(timeout=4)  # a normal run of these 30 takes about a second
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.communicate()
+            pytest.fail("the send hung")
+
+
+# -- unit-level: the fake server itself rejects what the providers reject ------------------------------
+
+def _messages(config, n):
+    rendered = Renderer(config).render(read_issue(EXAMPLE))
+    signer = Signer(SECRET.encode(), config.publication.list_id)
+    factory = MessageFactory(rendered, config, signer)
+    return [factory.build(a, f"Reader {i}", signer.recipient_key(a)) for i, a in enumerate(addresses(n))]
+
+
+def _raw(backend, messages, *, mutate=None, method=None, path=None, auth=True):
+    """One request as the backend builds it (changed by `mutate`), straight to the server."""
+    async def go():
+        await backend.open_worker()
+        try:
+            spec = backend.build(messages)
+            if mutate:
+                mutate(spec)
+            request = backend.client.build_request(method or spec.method, path or spec.path, json=spec.json,
+                                                   data=spec.data, content=spec.content, headers=spec.headers)
+            if auth:
+                return await backend.client.send(backend.sign(request))
+            for name in ("authorization", "x-postmark-server-token"):
+                request.headers.pop(name, None)
+            return await backend.client.send(request, auth=None)
+        finally:
+            await backend.close()
+    return asyncio.run(go())
+
+
+def _edit_json(spec, change):
+    """Change a request's JSON body, whether the backend gave it as `json` or as bytes."""
+    if spec.json is not None:
+        change(spec.json)
+    else:
+        body = json.loads(spec.content)
+        change(body)
+        spec.content = json.dumps(body).encode()
+
+
+def _drop(provider):
+    """Remove a required field from the request."""
+    def mutate(spec):
+        if provider == "sendgrid":
+            _edit_json(spec, lambda body: body.pop("from"))
+        elif provider == "mailgun":
+            del spec.data["subject"]
+        elif provider == "postmark":
+            _edit_json(spec, lambda body: (body[0].pop("HtmlBody"), body[0].pop("TextBody")))
+        elif provider == "resend":
+            _edit_json(spec, lambda body: body[0].pop("subject"))
+            spec.headers["x-batch-validation"] = "strict"
+        else:
+            _edit_json(spec, lambda body: body.pop("FromEmailAddress"))
+    return mutate
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_the_fake_server_refuses_what_the_provider_refuses(tmp_path, provider):
+    with ApiServer() as server:
+        config = config_for(api_env(tmp_path, server, provider))
+        backend = lambda: get_backend(provider, config, ISSUE)  # noqa: E731
+        ok = _raw(backend(), _messages(config, 2 if provider != "ses" else 1))
+        assert 200 <= ok.status_code < 300 and len(server.received) == (2 if provider != "ses" else 1)
+
+        wrong_method = _raw(backend(), _messages(config, 1), method="PUT")
+        assert wrong_method.status_code == 405
+        wrong_path = _raw(backend(), _messages(config, 1), path="/v3/mail/sending")
+        assert wrong_path.status_code == 404
+        no_auth = _raw(backend(), _messages(config, 1), auth=False)
+        assert no_auth.status_code in (401, 403)
+
+        missing = _raw(backend(), _messages(config, 1), mutate=_drop(provider))
+        if provider == "postmark":  # per message, in a 200 answer
+            assert missing.status_code == 200 and missing.json()[0]["ErrorCode"] == 300
+        else:
+            assert 400 <= missing.status_code < 500
+        if provider == "ses":
+            def fifty_one(spec):
+                _edit_json(spec, lambda body: body["Destination"].update(ToAddresses=addresses(51)))
+            over = _raw(backend(), _messages(config, 1), mutate=fifty_one)
+            assert over.status_code == 400 and over.headers["x-amzn-errortype"].startswith("BadRequestException:")
+        else:
+            over = _raw(backend(), _messages(config, LIMITS[provider] + 1))
+            assert over.status_code in (400, 422)
+        assert len(server.received) == (2 if provider != "ses" else 1)  # nothing else was taken
+        shapes = {"sendgrid": "errors", "mailgun": "message", "postmark": "Message", "resend": "message",
+                  "ses": "message"}
+        assert shapes[provider] in over.json()
