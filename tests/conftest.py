@@ -1,3 +1,7 @@
+import os
+import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -46,3 +50,22 @@ def example(renderer):
     """The example issue, rendered once for the whole session."""
     from newsletter.reader import read_issue
     return renderer.render(read_issue(EXAMPLE))
+
+
+def run_cli(*args, cwd=ROOT, env=None):
+    """`python -m newsletter ARGS` as a user runs it; NEWSLETTER_* from the outside left out."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    result = subprocess.run([sys.executable, "-m", "newsletter", *map(str, args)], cwd=cwd,
+                            env={**base, **(env or {})}, capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in result.stderr + result.stdout
+    return result
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A newsletter folder of one's own: settings, templates and an issues/ folder."""
+    shutil.copy(ROOT / "newsletter.toml", tmp_path)
+    shutil.copytree(ROOT / "templates", tmp_path / "templates")
+    (tmp_path / "issues").mkdir()
+    shutil.copy(EXAMPLE, tmp_path / "issues")
+    return tmp_path

@@ -8,24 +8,8 @@ import sys
 
 import pytest
 
+from conftest import run_cli as run
 from conftest import EXAMPLE, MINIMAL, ROOT
-
-
-def run(*args, cwd=ROOT, env=None):
-    result = subprocess.run([sys.executable, "-m", "newsletter", *map(str, args)], cwd=cwd,
-                            env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=60)
-    assert "Traceback" not in result.stderr + result.stdout
-    return result
-
-
-@pytest.fixture
-def project(tmp_path):
-    """A newsletter folder of one's own: settings, templates and an issues/ folder."""
-    shutil.copy(ROOT / "newsletter.toml", tmp_path)
-    shutil.copytree(ROOT / "templates", tmp_path / "templates")
-    (tmp_path / "issues").mkdir()
-    shutil.copy(EXAMPLE, tmp_path / "issues")
-    return tmp_path
 
 
 def test_help_is_useful():

@@ -13,30 +13,13 @@ import sys
 
 import pytest
 
+from conftest import run_cli as run
 from conftest import EXAMPLE, ROOT
 from newsletter.errors import RecipientsError
 from newsletter.recipients import CsvReport, Recipient, address_problem, normalize, read_csv
 from newsletter.store import Store
 
 EXPORT_HEADER = ["email", "name", "status", "changed_at", "changed_how"]
-
-
-def run(*args, cwd):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    result = subprocess.run([sys.executable, "-m", "newsletter", *map(str, args)], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=60)
-    assert "Traceback" not in result.stderr + result.stdout
-    return result
-
-
-@pytest.fixture
-def project(tmp_path):
-    """A newsletter folder of one's own: settings, templates and an issues/ folder."""
-    shutil.copy(ROOT / "newsletter.toml", tmp_path)
-    shutil.copytree(ROOT / "templates", tmp_path / "templates")
-    (tmp_path / "issues").mkdir()
-    shutil.copy(EXAMPLE, tmp_path / "issues")
-    return tmp_path
 
 
 def rows(folder) -> dict[str, tuple]:

@@ -67,20 +67,29 @@ def json_content(items: list[str]) -> bytes:
 
 
 class RateLimiter:
-    """Spaces request starts at least 1/rate seconds apart, across all workers."""
+    """Keeps request starts at least 1/rate seconds apart, across all workers. A slot is
+    given at most that often, and also no sooner than that after the last request really
+    left (`sent`, from httpx's request hook): a request held up by other work after its
+    slot must not let the next one through on its heels."""
 
     def __init__(self, per_second: float):
         self.interval = 1.0 / per_second if per_second > 0 else 0.0
         self.next = 0.0
+        self.last_sent = float("-inf")
 
     async def wait(self) -> None:
         if not self.interval:
             return
-        now = time.monotonic()
-        start = max(now, self.next)
-        self.next = start + self.interval
-        if start > now:
+        while True:
+            now = time.monotonic()
+            start = max(self.next, self.last_sent + self.interval)
+            if start <= now:
+                break
             await asyncio.sleep(start - now)
+        self.next = now + self.interval
+
+    async def sent(self, request: httpx.Request | None = None) -> None:
+        self.last_sent = max(self.last_sent, time.monotonic())
 
 
 class HttpBackend(Backend):
@@ -153,6 +162,7 @@ class HttpBackend(Backend):
                 headers=auth if isinstance(auth, dict) else None,
                 auth=auth if isinstance(auth, httpx.Auth) else None,
                 timeout=self.settings.timeout,
+                event_hooks={"request": [self.limiter.sent]},
                 limits=httpx.Limits(max_connections=self.connections, max_keepalive_connections=self.connections),
                 follow_redirects=False,
             )
@@ -192,17 +202,20 @@ class HttpWorker(Worker):
 
     async def send_batch(self, messages: list[Message]) -> list[Outcome]:
         backend, settings = self.backend, self.backend.settings
-        spec = backend.build(messages)
+        spec = None
         reason = "no answer"
         for attempt in range(settings.max_retries + 1):
             if attempt:
                 delay = wait if wait is not None else settings.retry_delay * 2 ** (attempt - 1)
                 await asyncio.sleep(delay * random.uniform(1.0, 1.25))
             wait = None
-            # Built (and signed) before taking a slot, so the slot is when it really leaves.
+            # The request is built (and signed) only once this worker holds a slot: with a
+            # rate limit, one worker builds at a time and its request leaves at once,
+            # instead of everyone's building holding up the request whose turn it is.
+            await backend.limiter.wait()
+            spec = spec or backend.build(messages)
             request = backend.sign(backend.client.build_request(
                 spec.method, spec.path, json=spec.json, data=spec.data, content=spec.content, headers=spec.headers))
-            await backend.limiter.wait()
             try:
                 response = await backend.client.send(request)
             except httpx.TimeoutException:
