@@ -72,8 +72,10 @@ class RateLimiter:
     left (`sent`, from httpx's request hook): a request held up by other work after its
     slot must not let the next one through on its heels."""
 
+    MARGIN = 1.08  # requests can arrive up to a few tens of ms off their start: keep clear
+
     def __init__(self, per_second: float):
-        self.interval = 1.0 / per_second if per_second > 0 else 0.0
+        self.interval = self.MARGIN / per_second if per_second > 0 else 0.0
         self.next = 0.0
         self.last_sent = float("-inf")
 
