@@ -69,3 +69,21 @@ def project(tmp_path):
     (tmp_path / "issues").mkdir()
     shutil.copy(EXAMPLE, tmp_path / "issues")
     return tmp_path
+
+
+def config_for(env):
+    """The repository's settings with these environment overrides (nothing else)."""
+    from newsletter.config import load_config
+    return load_config(ROOT / "newsletter.toml", environ=env)
+
+
+def subscribe(config, addresses):
+    from newsletter.recipients import Recipient
+    from newsletter.store import Store
+    with Store(config.store.path) as store:
+        for address in addresses:
+            store.add(Recipient(address, f"Reader {address.split('@')[0]}"), "test")
+
+
+def addresses(n, prefix="r"):
+    return [f"{prefix}{i}@example.com" for i in range(n)]

@@ -19,13 +19,11 @@ from email.utils import getaddresses
 import pytest
 
 from api_server import AWS_KEY_ID, AWS_SECRET, KEYS, LIMITS, MAILGUN_DOMAIN, PROVIDERS, SES_REGION, ApiServer
-from conftest import EXAMPLE, ROOT
+from conftest import EXAMPLE, ROOT, addresses, config_for, subscribe
 from newsletter.backends import get_backend
-from newsletter.config import load_config
 from newsletter.errors import ConfigError, SendError
 from newsletter.message import MessageFactory
 from newsletter.reader import read_issue
-from newsletter.recipients import Recipient
 from newsletter.render import Renderer
 from newsletter.sender import send_issue
 from newsletter.store import Store
@@ -75,20 +73,6 @@ def api_env(tmp_path, server, provider, send=None, keep_rate=False, **api):
     env.update({f"NEWSLETTER_{p}_{k.upper()}": str(v) for k, v in api.items()})
     env.update({f"NEWSLETTER_SEND_{k.upper()}": str(v) for k, v in (send or {}).items()})
     return env
-
-
-def config_for(env):
-    return load_config(ROOT / "newsletter.toml", environ=env)
-
-
-def subscribe(config, addresses):
-    with Store(config.store.path) as store:
-        for address in addresses:
-            store.add(Recipient(address, f"Reader {address.split('@')[0]}"), "test")
-
-
-def addresses(n, prefix="r"):
-    return [f"{prefix}{i}@example.com" for i in range(n)]
 
 
 def ledger(config):

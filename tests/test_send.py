@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE, ROOT
-from newsletter.config import load_config
+from conftest import EXAMPLE, ROOT, addresses, config_for, subscribe
 from newsletter.errors import SendError
-from newsletter.recipients import Recipient
 from newsletter.sender import send_issue
 from newsletter.store import Store
 from smtp_server import PASSWORD, USER, Handler, Server, make_certificate
@@ -46,20 +44,6 @@ def settings_env(tmp_path, port, cert=None, **extra):
         env["NEWSLETTER_SMTP_CA_FILE"] = str(cert[0])
     env.update({f"NEWSLETTER_{k.upper()}": str(v) for k, v in extra.items()})
     return env
-
-
-def config_for(env):
-    return load_config(ROOT / "newsletter.toml", environ=env)
-
-
-def subscribe(config, addresses):
-    with Store(config.store.path) as store:
-        for address in addresses:
-            store.add(Recipient(address, f"Reader {address.split('@')[0]}"), "test")
-
-
-def addresses(n, prefix="r"):
-    return [f"{prefix}{i}@example.com" for i in range(n)]
 
 
 def unsubscribe_url(data: bytes) -> str:
