@@ -72,7 +72,6 @@ import platform
 import pstats
 import re
 import shlex
-import shutil
 import socket
 import sqlite3
 import subprocess
@@ -83,6 +82,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from common import cpu_model, fresh_copy, ledger_counts, note
 
 ROOT = Path(__file__).resolve().parent.parent
 ISSUE = "issues/2021-08-13-china-taliban.yaml"
@@ -105,10 +106,6 @@ STAND_IN_LIFETIME = 4 * 3600.0  # the stand-in exits by itself after this, whate
 def fail(message: str, code: int = 1) -> None:
     print(f"bench/api.py: {message}", file=sys.stderr)
     sys.exit(code)
-
-
-def note(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # == the stand-in: runs in its own process (`api.py --stand-in`) ================================
@@ -651,21 +648,6 @@ def make_store(path: Path, count: int) -> None:
     db.close()
 
 
-def fresh_copy(template: Path, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "newsletter.sqlite3"
-    shutil.copyfile(template, target)
-    return target
-
-
-def ledger_counts(store: Path, issue: str) -> dict[str, int]:
-    db = sqlite3.connect(store)
-    try:
-        return dict(db.execute("SELECT state, count(*) FROM deliveries WHERE issue = ? GROUP BY state", (issue,)))
-    finally:
-        db.close()
-
-
 # Linux keeps a process's peak RSS across exec, and a child that subprocess starts (vfork, then
 # exec) begins with its parent's peak: wait4 on it would report at least this bench's own peak
 # (hundreds of MB after the in-process builds). So each child is started by this small launcher,
@@ -862,16 +844,6 @@ def _short(filename: str) -> str:
             i = len(parts) - 1 - parts[::-1].index(anchor)
             return "/".join(parts[i + (anchor != "newsletter"):])
     return filename
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def version_of(package: str) -> str:

@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import tool_version
+
 ROOT = Path(__file__).resolve().parent.parent
 ISSUE = "issues/2021-08-13-china-taliban.yaml"
 CONFIG = "newsletter.toml"
@@ -81,14 +83,6 @@ def ensure_mjml_cli() -> None:
     done = subprocess.run(command, cwd=ROOT)
     if done.returncode != 0 or not MJML_BIN.exists():
         fail(f"npm install failed (exit {done.returncode}); {MJML_BIN} is missing")
-
-
-def tool_version(command: list[str]) -> str:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    except OSError as exc:
-        return f"unavailable ({exc})"
-    return (done.stdout or done.stderr).strip().splitlines()[0] if done.returncode == 0 else "unavailable"
 
 
 def timed_run(command: list[str], what: str) -> float:

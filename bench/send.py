@@ -57,6 +57,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import cpu_model, fresh_copy, ledger_counts, note, tool_version
+
 ROOT = Path(__file__).resolve().parent.parent
 ISSUE = "issues/2021-08-13-china-taliban.yaml"
 CONFIG = "newsletter.toml"
@@ -74,10 +76,6 @@ INSTALL_HELP = ("smtp-sink and smtp-source come with postfix; on Debian or Ubunt
 def fail(message: str, code: int = 1) -> None:
     print(f"bench/send.py: {message}", file=sys.stderr)
     sys.exit(code)
-
-
-def note(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # -- the postfix tools --------------------------------------------------------------------------
@@ -242,21 +240,6 @@ def make_store(path: Path, count: int) -> None:
     db.close()
 
 
-def fresh_copy(template: Path, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "newsletter.sqlite3"
-    shutil.copyfile(template, target)
-    return target
-
-
-def ledger_counts(store: Path, issue: str) -> dict[str, int]:
-    db = sqlite3.connect(store)
-    try:
-        return dict(db.execute("SELECT state, count(*) FROM deliveries WHERE issue = ? GROUP BY state", (issue,)))
-    finally:
-        db.close()
-
-
 def average_message_size(config_path: Path, env: dict[str, str], store: Path) -> tuple[float, float]:
     """Our messages' average size: content bytes, and bytes on the wire (dot-stuffed, with
     the closing ".")—built exactly as `send` builds them, for every subscriber."""
@@ -338,24 +321,6 @@ def check_sent(store: Path, n: int, what: str) -> None:
     counts = ledger_counts(store, Path(ISSUE).stem)
     if counts.get("sent", 0) != n or sum(counts.values()) != n:
         fail(f"{what}: the ledger should hold {n} sent rows, it holds {counts}")
-
-
-def tool_version(command: list[str]) -> str:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    except OSError as exc:
-        return f"unavailable ({exc})"
-    return (done.stdout or done.stderr).strip().splitlines()[0] if done.returncode == 0 else "unavailable"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 # -- main -----------------------------------------------------------------------------------------

@@ -6,10 +6,8 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 from conftest import run_cli as run
-from conftest import EXAMPLE, MINIMAL, ROOT
+from conftest import EXAMPLE, MINIMAL
 
 
 def test_help_is_useful():

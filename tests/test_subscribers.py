@@ -4,17 +4,14 @@ row named, unsubscribes and suppressions honoured, export, and the SQLite file i
 import csv
 import io
 import json
-import os
 import re
 import shutil
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 
 from conftest import run_cli as run
-from conftest import EXAMPLE, ROOT
+from conftest import ROOT
 from newsletter.errors import RecipientsError
 from newsletter.recipients import CsvReport, Recipient, address_problem, normalize, read_csv
 from newsletter.store import Store

@@ -205,7 +205,7 @@ class HttpWorker(Worker):
     async def send_batch(self, messages: list[Message]) -> list[Outcome]:
         backend, settings = self.backend, self.backend.settings
         spec = None
-        reason = "no answer"
+        reason, wait = "no answer", None
         for attempt in range(settings.max_retries + 1):
             if attempt:
                 delay = wait if wait is not None else settings.retry_delay * 2 ** (attempt - 1)
