@@ -263,9 +263,6 @@ class Store:
             " WHERE issue = ? AND state IN ('failed', 'deferred') ORDER BY state, email LIMIT ?",
             (issue, limit)).fetchall()
 
-    def issues(self) -> list[str]:
-        return [i for (i,) in self.db.execute("SELECT DISTINCT issue FROM deliveries ORDER BY issue")]
-
 
 class _Transaction:
     def __init__(self, db: sqlite3.Connection):
