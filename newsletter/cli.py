@@ -76,6 +76,8 @@ def make_parser() -> argparse.ArgumentParser:
     send.add_argument("--test", nargs="+", metavar="ADDRESS",
                       help="send only to these addresses, marked [TEST]; not recorded as the real send")
     send.add_argument("--dry-run", action="store_true", help="build every message, send nothing, record nothing")
+    send.add_argument("--allow-changed", action="store_true",
+                      help="resume a send although the issue changed since it began (the rest get the new version)")
     send.set_defaults(run=run_send)
 
     status = commands.add_parser("status", parents=[common], help="show how a send is going",
@@ -181,7 +183,8 @@ def run_send(args) -> int:
     from .sender import send_issue
 
     summary = send_issue(_issue_path(args.issue), _load_config(args), backend_name=args.backend, to_csv=args.to,
-                         test_addresses=args.test, dry_run=args.dry_run, progress=ProgressLine())
+                         test_addresses=args.test, dry_run=args.dry_run, allow_changed=args.allow_changed,
+                         progress=ProgressLine())
     for warning in summary.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if summary.csv:

@@ -246,6 +246,7 @@ class MessageFactory:
         self.domain = sender.domain
         self.envelope_sender = sender.address
         digest = hashlib.sha256(rendered.html.encode("utf-8") + rendered.text.encode("utf-8")).hexdigest()
+        self.digest = digest
         # Stable per issue and recipient: a message sent again after a crash keeps its
         # Message-ID, which lets receiving systems drop the duplicate. Test sends differ.
         self.id_prefix = f"{rendered.issue.stem}.{digest[:10]}" + (".test" if test_send else "")

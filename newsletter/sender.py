@@ -106,7 +106,7 @@ class IssueLock:
 
 def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | None = None,
                to_csv: str | Path | None = None, test_addresses: list[str] | None = None,
-               dry_run: bool = False, progress: Progress | None = None,
+               dry_run: bool = False, allow_changed: bool = False, progress: Progress | None = None,
                backend: Backend | None = None) -> SendSummary:
     progress = progress or Progress()
     issue = read_issue(issue_path)
@@ -126,6 +126,7 @@ def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | No
         if dry_run:
             return _dry_run(store, factory, signer, to_csv, issue.stem, summary, progress)
         with IssueLock(config.store.path, issue.stem):
+            _check_unchanged(store, issue.stem, factory.digest, allow_changed)
             summary.resent_in_flight = [email for email, _ in store.in_flight(issue.stem)]
             store.requeue_in_flight(issue.stem)
             if to_csv:
@@ -142,6 +143,19 @@ def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | No
                 progress.finish()
             summary.counts = store.counts(issue.stem)
     return summary
+
+
+def _check_unchanged(store: Store, issue: str, digest: str, allow_changed: bool) -> None:
+    """A send resumed after the issue was edited would mail two versions of it."""
+    if store.send_digest(issue, digest, replace=allow_changed) == digest:
+        return
+    sent = store.counts(issue)["sent"]
+    if not sent:
+        store.send_digest(issue, digest, replace=True)  # nobody has the old version: start afresh
+        return
+    raise StoreError(f"{issue} has changed since its send began ({sent} already sent): the rest would get "
+                     "another version. Send it anyway with --allow-changed, or send the new version under "
+                     "a new file name.")
 
 
 # -- the send loop -----------------------------------------------------------------------------

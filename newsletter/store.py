@@ -62,6 +62,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
 -- no send writes to it. No index on state: every row is written twice per send, and such
 -- an index would double the pages each write touches.
 CREATE INDEX IF NOT EXISTS deliveries_by_issue ON deliveries (issue, id);
+CREATE TABLE IF NOT EXISTS sends (
+    issue       TEXT PRIMARY KEY,
+    digest      TEXT NOT NULL,      -- of the rendered email: what this send is sending
+    started_at  TEXT NOT NULL
+);
 DROP INDEX IF EXISTS deliveries_by_state;
 CREATE INDEX IF NOT EXISTS deliveries_by_rkey ON deliveries (rkey);
 """
@@ -251,6 +256,14 @@ class Store:
             "UPDATE deliveries SET state = 'pending', reply = 'interrupted while sending; sent again',"
             " updated_at = ? WHERE issue = ? AND state = 'sending'", (now_iso(), issue))
         return cur.rowcount
+
+    def send_digest(self, issue: str, digest: str, replace: bool = False) -> str:
+        """The digest this issue's send began with (recorded now if it is the first run)."""
+        self.db.execute("INSERT OR IGNORE INTO sends (issue, digest, started_at) VALUES (?, ?, ?)",
+                        (issue, digest, now_iso()))
+        if replace:
+            self.db.execute("UPDATE sends SET digest = ? WHERE issue = ?", (digest, issue))
+        return self.db.execute("SELECT digest FROM sends WHERE issue = ?", (issue,)).fetchone()[0]
 
     def counts(self, issue: str) -> dict[str, int]:
         found = dict(self.db.execute("SELECT state, count(*) FROM deliveries WHERE issue = ? GROUP BY state",

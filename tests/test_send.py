@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import EXAMPLE, ROOT, addresses, config_for, subscribe
-from newsletter.errors import SendError
+from newsletter.errors import SendError, StoreError
 from newsletter.sender import send_issue
 from newsletter.store import Store
 from smtp_server import PASSWORD, USER, Handler, Server, make_certificate
@@ -319,3 +319,21 @@ def test_outbox_backend_writes_one_file_per_recipient_through_the_ledger(tmp_pat
     stamps = [f.stat().st_mtime_ns for f in files]
     send_issue(EXAMPLE, config)
     assert [f.stat().st_mtime_ns for f in files] == stamps  # nothing written twice
+
+
+def test_a_send_resumed_after_the_issue_changed_refuses_unless_allowed(tmp_path):
+    issue = tmp_path / EXAMPLE.name
+    issue.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
+    config = config_for(settings_env(tmp_path, 1, send_backend="outbox"))
+    subscribe(config, addresses(2))
+    assert send_issue(issue, config).counts["sent"] == 2
+    subscribe(config, ["late@example.com"])
+    issue.write_text(issue.read_text(encoding="utf-8").replace("One thing is certain", "One thing is sure"),
+                     encoding="utf-8")
+    with pytest.raises(StoreError, match="has changed since its send began \\(2 already sent\\)"):
+        send_issue(issue, config)
+    with Store(config.store.path) as store:
+        assert store.counts(EXAMPLE.stem)["sent"] == 2  # refused before anything was sent
+    summary = send_issue(issue, config, allow_changed=True)
+    assert summary.this_run["sent"] == 1 and summary.counts["sent"] == 3
+    assert send_issue(issue, config).this_run["sent"] == 0  # the new version is now the send's own
