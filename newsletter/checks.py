@@ -46,6 +46,30 @@ def url_problem(value: str, schemes: tuple[str, ...] = WEB_SCHEMES) -> str | Non
     return None
 
 
+# Addresses, deliberately plain: ASCII dot-atom local part, a domain of at least two labels.
+_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def address_problem(address: str) -> str | None:
+    if not address:
+        return "no address"
+    if len(address) > 254:
+        return "longer than 254 characters"
+    if not address.isascii():
+        return "non-ASCII addresses are not supported"
+    local, at, domain = address.rpartition("@")
+    if not at or not local:
+        return "expected an address like name@example.com"
+    if len(local) > 64 or not _LOCAL.fullmatch(local):
+        return f"{local!r} is not a valid mailbox name"
+    labels = domain.split(".")
+    if len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        return f"{domain!r} is not a valid domain"
+    return None
+
+
+
 def is_plain_http(value: str) -> bool:
     return value[:5].lower() == "http:"
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .checks import one_line_problem, suggest, url_problem
+from .checks import address_problem, one_line_problem, suggest, url_problem
 from .errors import ConfigError
 
 CONFIG_FILE = "newsletter.toml"
@@ -53,11 +53,9 @@ class HttpsUrl(Str):
 
 
 class Email(Str):
-    _pattern = re.compile(r"[^@\s<>(),;:\"\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+")
-
     def validate(self, value):
         value = super().validate(value)
-        if not self._pattern.fullmatch(value):
+        if address_problem(value):
             raise ValueError(f"expected an email address like news@example.com, got {value!r}")
         return value
 

@@ -7,18 +7,12 @@ merge field. Rows are streamed, never loaded whole.
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .checks import one_line_problem
+from .checks import address_problem, one_line_problem
 from .errors import RecipientsError
-
-# Deliberately plain: ASCII dot-atom local part, a domain of at least two labels.
-_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
-_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-
 
 @dataclass(frozen=True)
 class Recipient:
@@ -31,24 +25,6 @@ class Recipient:
 STATUSES = ("subscribed", "unsubscribed", "bounced", "complained")
 # Columns that are not merge fields: ours, and the bookkeeping that `subscribers export` adds.
 RESERVED_COLUMNS = ("email", "name", "status", "changed_at", "changed_how")
-
-
-def address_problem(address: str) -> str | None:
-    if not address:
-        return "no address"
-    if len(address) > 254:
-        return "longer than 254 characters"
-    if not address.isascii():
-        return "non-ASCII addresses are not supported"
-    local, at, domain = address.rpartition("@")
-    if not at or not local:
-        return "expected an address like name@example.com"
-    if len(local) > 64 or not _LOCAL.fullmatch(local):
-        return f"{local!r} is not a valid mailbox name"
-    labels = domain.split(".")
-    if len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
-        return f"{domain!r} is not a valid domain"
-    return None
 
 
 def normalize(address: str) -> str:

@@ -134,7 +134,6 @@ def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | No
                 store.enqueue(issue.stem, read_csv(to_csv, summary.csv), signer.recipient_key)
             else:
                 store.enqueue_subscribers(issue.stem, signer.recipient_key)
-            summary.this_run["skipped"] += store.skip_blocked(issue.stem)
             backend = backend or get_backend(backend_name, config, issue.stem)
             summary.backend_detail = backend.describe()
             try:

@@ -204,16 +204,6 @@ class Store:
             flush()
         return added
 
-    def skip_blocked(self, issue: str) -> int:
-        """Pending or deferred rows whose address was unsubscribed or suppressed meanwhile."""
-        cur = self.db.execute(
-            "UPDATE deliveries SET state = 'skipped', reply = 'unsubscribed or suppressed before sending',"
-            " updated_at = ? WHERE issue = ? AND state IN ('pending', 'deferred') AND ("
-            " EXISTS (SELECT 1 FROM suppressions x WHERE x.email = deliveries.email) OR"
-            " EXISTS (SELECT 1 FROM subscribers s WHERE s.email = deliveries.email AND s.status != 'subscribed'))",
-            (now_iso(), issue))
-        return cur.rowcount
-
     def due(self, issue: str, batch_size: int, after_id: int = 0, now: float | None = None) -> list[Delivery]:
         """The next batch of rows to send (pending, or deferred and due), by id."""
         now = time.time() if now is None else now
