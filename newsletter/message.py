@@ -145,17 +145,23 @@ class _SplicedBody:
 
 
 class _JsonBody:
-    """A body as the inside of a JSON string, encoded once, with holes for the values:
-    Postmark and Resend take every message's whole HTML, and json.dumps of 40 KB per
-    message would cost more than everything else."""
+    """A body as the inside of a JSON string, UTF-8, encoded once, with holes for the
+    values: Postmark and Resend take every message's whole HTML, and json.dumps and
+    encoding 40 KB per message would cost more than everything else."""
 
     def __init__(self, text: str, escape_values: bool):
-        self.pieces = [json.dumps(piece, ensure_ascii=False)[1:-1] for piece in text.split(UNSUBSCRIBE)]
+        self.pieces = [json.dumps(piece, ensure_ascii=False)[1:-1].encode("utf-8")
+                       for piece in text.split(UNSUBSCRIBE)]
         self.escape = escape_values
 
-    def fill(self, unsubscribe_url: str) -> str:
+    def fill(self, unsubscribe_url: str) -> list[bytes]:
+        """The pieces and the values between them, for the request's one join."""
         value = html.escape(unsubscribe_url, quote=True) if self.escape else unsubscribe_url
-        return json.dumps(value, ensure_ascii=False)[1:-1].join(self.pieces)
+        encoded = json.dumps(value, ensure_ascii=False)[1:-1].encode("utf-8")
+        parts = [self.pieces[0]]
+        for piece in self.pieces[1:]:
+            parts += (encoded, piece)
+        return parts
 
 
 class Message:
@@ -198,12 +204,12 @@ class Message:
         return self.factory.rendered.text.replace(UNSUBSCRIBE, self.unsubscribe_url)
 
     @property
-    def html_json(self) -> str:
-        """`html`, JSON-encoded without the quotes (see _JsonBody)."""
+    def html_json(self) -> list[bytes]:
+        """`html` as the inside of a JSON string, UTF-8, in pieces to be joined (see _JsonBody)."""
         return self.factory.json_bodies[1].fill(self.unsubscribe_url)
 
     @property
-    def text_json(self) -> str:
+    def text_json(self) -> list[bytes]:
         return self.factory.json_bodies[0].fill(self.unsubscribe_url)
 
     def headers(self) -> dict[str, str]:

@@ -23,9 +23,9 @@ class ProgressLine(Progress):
         self.total, self.started = total, time.monotonic()
         print(f"sending {total} message{'s' * (total != 1)} through {backend}", file=self.stream)
 
-    def advance(self, state: str) -> None:
-        self.done += 1
-        self.counts[state] = self.counts.get(state, 0) + 1
+    def advance(self, state: str, count: int = 1) -> None:
+        self.done += count
+        self.counts[state] = self.counts.get(state, 0) + count
         now = time.monotonic()
         if now - self.last >= self.every:
             self.last = now

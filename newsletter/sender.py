@@ -43,7 +43,7 @@ class Progress:
 
     def start(self, total: int, backend: str) -> None: ...
 
-    def advance(self, state: str) -> None: ...
+    def advance(self, state: str, count: int = 1) -> None: ...
 
     def note(self, text: str) -> None: ...
 
@@ -225,15 +225,14 @@ async def _one_pass(store, issue, factory, workers, batch_size, settings, summar
         while (batch := await queue.get()) is not None:
             if stop.is_set():
                 continue  # still pending in the ledger: the next run sends it
+            ids = [delivery.id for delivery, _ in batch]
             with store.transaction(len(batch) > 1):
-                for delivery, _ in batch:
-                    store.mark(delivery.id, "sending", count_attempt=True)
+                store.mark_many(ids, "sending", count_attempt=True)
             try:
                 outcomes = await worker.send_batch([message for _, message in batch])
             except SendError as exc:
                 with store.transaction():
-                    for delivery, _ in batch:
-                        store.mark(delivery.id, "pending", reply=f"not sent: {exc}")
+                    store.mark_many(ids, "pending", reply=f"not sent: {exc}")
                 fatal.append(exc)
                 stop.set()
                 continue
@@ -241,10 +240,7 @@ async def _one_pass(store, issue, factory, workers, batch_size, settings, summar
             # again as one batch (for Resend, under the same Idempotency-Key).
             jitter = random.uniform(0.9, 1.1)
             with store.transaction(len(batch) > 1 or any(o.suppress for o in outcomes)):
-                for (delivery, _), outcome in zip(batch, outcomes, strict=True):
-                    _record(store, delivery, outcome, settings, summary, jitter)
-            for outcome in outcomes:
-                progress.advance(outcome.state)
+                _record(store, [delivery for delivery, _ in batch], outcomes, settings, summary, progress, jitter)
 
     tasks = [asyncio.create_task(work(w)) for w in workers]
     try:
@@ -278,21 +274,27 @@ async def _one_pass(store, issue, factory, workers, batch_size, settings, summar
         raise fatal[0]
 
 
-def _record(store: Store, delivery: Delivery, outcome: Outcome, settings, summary: SendSummary,
-            jitter: float = 1.0) -> None:
-    attempts = delivery.attempts + 1
-    state, reply = outcome.state, outcome.reply
-    if state == DEFERRED and attempts >= settings.max_attempts:
-        state, reply = FAILED, f"gave up after {attempts} attempts; last reply: {reply}"
-    if state == DEFERRED:
-        delay = max(settings.retry_delay * (2 ** (attempts - 1)) * jitter, outcome.retry_after or 0.0)
-        store.mark(delivery.id, DEFERRED, reply, next_try=time.time() + delay)
-    else:
-        store.mark(delivery.id, state, reply)
-    if outcome.suppress:
-        store.suppress(delivery.email, reply)
-        store.set_status(delivery.email, "bounced", f"send {reply}")
-    summary.this_run[state] += 1
+def _record(store: Store, deliveries: list[Delivery], outcomes: list[Outcome], settings,
+            summary: SendSummary, progress: Progress, jitter: float = 1.0) -> None:
+    """Write a batch's outcomes: rows with the same result share one UPDATE."""
+    groups: dict[tuple[str, str, float], list[int]] = {}
+    now = time.time()
+    for delivery, outcome in zip(deliveries, outcomes, strict=True):
+        attempts = delivery.attempts + 1
+        state, reply, next_try = outcome.state, outcome.reply, 0.0
+        if state == DEFERRED and attempts >= settings.max_attempts:
+            state, reply = FAILED, f"gave up after {attempts} attempts; last reply: {reply}"
+        if state == DEFERRED:
+            delay = max(settings.retry_delay * (2 ** (attempts - 1)) * jitter, outcome.retry_after or 0.0)
+            next_try = now + delay
+        groups.setdefault((state, reply, next_try), []).append(delivery.id)
+        if outcome.suppress:
+            store.suppress(delivery.email, reply)
+            store.set_status(delivery.email, "bounced", f"send {reply}")
+    for (state, reply, next_try), ids in groups.items():
+        store.mark_many(ids, state, reply, next_try=next_try)
+        summary.this_run[state] += len(ids)
+        progress.advance(state, len(ids))
 
 
 # -- test sends and dry runs --------------------------------------------------------------------

@@ -17,9 +17,8 @@ import datetime as dt
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from .errors import StoreError
 from .recipients import Recipient
@@ -76,8 +75,7 @@ def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-@dataclass(frozen=True)
-class Delivery:
+class Delivery(NamedTuple):  # a tuple: made for every row of a send, and cheaper than a dataclass
     id: int
     email: str
     name: str | None
@@ -173,9 +171,11 @@ class Store:
         with self.transaction():
             cur = self.db.execute(
                 "INSERT OR IGNORE INTO deliveries (issue, email, name, fields, rkey, updated_at)"
-                " SELECT ?, s.email, s.name, s.fields, rkey(s.email), ? FROM subscribers s"
+                " SELECT ?1, s.email, s.name, s.fields, rkey(s.email), ?2 FROM subscribers s"
                 " WHERE s.status = 'subscribed'"
-                " AND NOT EXISTS (SELECT 1 FROM suppressions x WHERE x.email = s.email)",
+                " AND NOT EXISTS (SELECT 1 FROM suppressions x WHERE x.email = s.email)"
+                # before rkey(): a resumed send of a million would otherwise sign them all again
+                " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.issue = ?1 AND d.email = s.email)",
                 (issue, now_iso()))
         return cur.rowcount
 
@@ -232,10 +232,19 @@ class Store:
 
     def mark(self, delivery_id: int, state: str, reply: str | None = None, next_try: float = 0,
              count_attempt: bool = False) -> None:
-        self.db.execute(
-            "UPDATE deliveries SET state = ?, reply = coalesce(?, reply), next_try = ?, updated_at = ?,"
-            " attempts = attempts + ? WHERE id = ?",
-            (state, reply, next_try, now_iso(), 1 if count_attempt else 0, delivery_id))
+        self.mark_many([delivery_id], state, reply, next_try, count_attempt)
+
+    def mark_many(self, ids: list[int], state: str, reply: str | None = None, next_try: float = 0,
+                  count_attempt: bool = False) -> None:
+        """Give these rows one state: a statement per 500 rows, not one per row, which
+        was the biggest part of an API send's cost per message."""
+        stamp, counted = now_iso(), 1 if count_attempt else 0
+        for start in range(0, len(ids), 500):  # within SQLite's limit on parameters
+            chunk = ids[start:start + 500]
+            self.db.execute(
+                "UPDATE deliveries SET state = ?, reply = coalesce(?, reply), next_try = ?, updated_at = ?,"
+                f" attempts = attempts + ? WHERE id IN ({','.join('?' * len(chunk))})",
+                (state, reply, next_try, stamp, counted, *chunk))
 
     def in_flight(self, issue: str) -> list[tuple[str, str | None]]:
         return self.db.execute("SELECT email, updated_at FROM deliveries WHERE issue = ? AND state = 'sending'"

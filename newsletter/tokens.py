@@ -37,9 +37,24 @@ class Signer:
     secret: bytes
     list_id: str
 
+    @functools.cached_property
+    def _pads(self) -> tuple:
+        """HMAC-SHA256's inner and outer hashes with the key absorbed (RFC 2104): copying
+        them costs half of what hmac.new does, once or twice per recipient."""
+        key = self.secret if len(self.secret) <= 64 else hashlib.sha256(self.secret).digest()
+        key = key.ljust(64, b"\0")
+        return (hashlib.sha256(bytes(b ^ 0x36 for b in key)), hashlib.sha256(bytes(b ^ 0x5C for b in key)))
+
+    def _hmac(self, data: bytes) -> bytes:
+        inner_pad, outer_pad = self._pads
+        inner = inner_pad.copy()
+        inner.update(data)
+        outer = outer_pad.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
     def recipient_key(self, address: str) -> str:
-        digest = hmac.new(self.secret, b"recipient:" + address.lower().encode("utf-8"), hashlib.sha256).digest()
-        return _b64(digest[:KEY_BYTES])
+        return _b64(self._hmac(b"recipient:" + address.lower().encode("utf-8"))[:KEY_BYTES])
 
     def _list_tag(self) -> bytes:
         return _list_tag(self.list_id)
@@ -47,7 +62,7 @@ class Signer:
     def token(self, recipient_key: str) -> str:
         key = base64.urlsafe_b64decode(recipient_key + "=" * (-len(recipient_key) % 4))
         payload = VERSION + key + self._list_tag()
-        return _b64(payload + hmac.new(self.secret, payload, hashlib.sha256).digest()[:SIG_BYTES])
+        return _b64(payload + self._hmac(payload)[:SIG_BYTES])
 
     def verify(self, token: str) -> str:
         """The recipient key inside a valid token for this list; TokenError otherwise."""
@@ -60,7 +75,7 @@ class Signer:
         payload, sig = raw[:-SIG_BYTES], raw[-SIG_BYTES:]
         if len(raw) != 1 + KEY_BYTES + TAG_BYTES + SIG_BYTES or payload[:1] != VERSION:
             raise TokenError("not a token")
-        if not hmac.compare_digest(sig, hmac.new(self.secret, payload, hashlib.sha256).digest()[:SIG_BYTES]):
+        if not hmac.compare_digest(sig, self._hmac(payload)[:SIG_BYTES]):
             raise TokenError("bad signature")
         if payload[1 + KEY_BYTES:] != self._list_tag():
             raise TokenError("token of another list")

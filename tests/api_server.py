@@ -835,7 +835,9 @@ def _form_fields(req: Request) -> list[tuple[str, str]]:
     if kind.startswith("multipart/form-data"):
         message = email.message_from_bytes(f"Content-Type: {kind}\r\n\r\n".encode() + req.body,
                                            policy=email.policy.HTTP)
-        return [(part.get_param("name", header="content-disposition"), part.get_content())
+        # A field without a charset of its own is in the form's, UTF-8 (RFC 7578 section 5.1).
+        return [(part.get_param("name", header="content-disposition"),
+                 part.get_payload(decode=True).decode(part.get_content_charset() or "utf-8"))
                 for part in message.iter_parts()]
     raise Reject(400, "Content-Type must be multipart/form-data or application/x-www-form-urlencoded")
 

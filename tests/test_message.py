@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import email
 import email.policy
+import hmac
 import html
 import random
 import re
@@ -616,3 +617,11 @@ def test_dkim_fails_when_the_html_body_is_changed(signed):
     assert data.count(b"View in your browser") == 1
     assert verify(data.replace(b"View in your browser", b"View in your Browser")) is False
     assert verify(data) is True
+
+
+@pytest.mark.parametrize("secret", [b"", b"short", b"k" * 64, b"a much longer secret than one SHA-256 block " * 3])
+def test_signer_hmac_is_hmac_sha256(secret):
+    # The signer keeps HMAC's padded key hashes to copy per recipient: it must stay RFC 2104.
+    signer = Signer(secret, "list.example")
+    for data in (b"", b"recipient:ada@example.com", bytes(range(256)) * 3):
+        assert signer._hmac(data) == hmac.digest(secret, data, "sha256")

@@ -183,6 +183,39 @@ def test_store_is_a_real_sqlite_file(tmp_path):
         db.close()
 
 
+def test_mark_many_sets_every_row_past_the_parameter_chunk(tmp_path):
+    with Store(tmp_path / "store.sqlite3") as store:
+        with store.transaction():
+            for i in range(1203):
+                store.add(Recipient(f"r{i}@example.com"), "test")
+        assert store.enqueue_subscribers("issue", lambda email: "k" + email) == 1203
+        ids = [d.id for d in store.due("issue", 2000)]
+        store.mark_many(ids[:1201], "sending", count_attempt=True)
+        store.mark_many(ids[1:1202], "sent", reply="250 ok")
+        rows = store.db.execute("SELECT state, reply, attempts FROM deliveries ORDER BY id").fetchall()
+    assert rows[0] == ("sending", None, 1)
+    assert rows[1:1201] == [("sent", "250 ok", 1)] * 1200
+    assert rows[1201] == ("sent", "250 ok", 0)
+    assert rows[1202] == ("pending", None, 0)
+
+
+def test_queueing_again_signs_only_the_new_subscribers(tmp_path):
+    signed = []
+
+    def key_of(email):
+        signed.append(email)
+        return "k" + email
+
+    with Store(tmp_path / "store.sqlite3") as store:
+        for address in ("a@example.com", "b@example.com"):
+            store.add(Recipient(address), "test")
+        assert store.enqueue_subscribers("issue", key_of) == 2
+        store.add(Recipient("c@example.com"), "test")
+        assert store.enqueue_subscribers("issue", key_of) == 1
+        assert store.enqueue_subscribers("other", key_of) == 3
+    assert sorted(signed) == sorted(["a@example.com", "b@example.com", "c@example.com"] * 2)
+
+
 # -- the CLI ----------------------------------------------------------------------------------------
 
 def test_import_keeps_fields_and_names_every_bad_row(project):

@@ -55,15 +55,31 @@ def json_body(response: httpx.Response) -> dict:
     return body if isinstance(body, dict) else {}
 
 
-def json_object(fields: dict, encoded_strings: dict[str, str]) -> str:
-    """A JSON object of `fields` plus string members whose values are already encoded
-    (the inside of a JSON string, as Message.html_json gives)."""
-    extra = "".join(f',{json.dumps(name)}:"{value}"' for name, value in encoded_strings.items())
-    return json.dumps(fields, ensure_ascii=False)[:-1] + extra + "}"
+def json_object(fields: dict, encoded_strings: dict[str, list[bytes]]) -> list[bytes]:
+    """A JSON object, in pieces: `fields`, plus string members whose values come already
+    encoded (the inside of a JSON string, in pieces, as Message.html_json gives)."""
+    head = json.dumps(fields, ensure_ascii=False)[:-1]
+    parts = [head.encode("utf-8")]
+    separator = "," if fields else ""
+    for name, pieces in encoded_strings.items():
+        parts.append(f'{separator}{json.dumps(name)}:"'.encode("utf-8"))
+        parts += pieces
+        parts.append(b'"')
+        separator = ","
+    parts.append(b"}")
+    return parts
 
 
-def json_content(items: list[str]) -> bytes:
-    return ("[" + ",".join(items) + "]").encode("utf-8")
+def json_array(objects: list[list[bytes]]) -> bytes:
+    """The request body: a JSON array of json_object's pieces, joined once (a Postmark
+    batch is 20 MB: one copy of it, not three)."""
+    parts = [b"["]
+    for index, pieces in enumerate(objects):
+        if index:
+            parts.append(b",")
+        parts += pieces
+    parts.append(b"]")
+    return b"".join(parts)
 
 
 class RateLimiter:

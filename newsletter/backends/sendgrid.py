@@ -14,11 +14,14 @@ come later, by webhook). Errors: ``{"errors": [{"message": ..., "field": ...}]}`
 from __future__ import annotations
 
 import html
+import json
 import time
+from json.encoder import encode_basestring as js  # a JSON string literal, in C
 
 import httpx
 
-from ..message import Message
+from ..checks import one_line_problem
+from ..message import Message, MessageFactory
 from ..render import PLACEHOLDERS
 from .base import SENT, Outcome
 from .http import ApiRequest, HttpBackend
@@ -29,24 +32,34 @@ TEXT_TAG, HTML_TAG = "-unsub_text-", "-unsub_html-"
 class Backend(HttpBackend):
     name = "sendgrid"
     title = "SendGrid"
+    _shared: tuple[MessageFactory, str] | None = None
 
     def build(self, messages: list[Message]) -> ApiRequest:
-        factory = messages[0].factory
-        placeholder = PLACEHOLDERS["unsubscribe_url"]
-        body = {
-            "from": {"email": factory.envelope_sender, "name": factory.sender_name},
-            "subject": factory.subject,
-            "content": [
-                {"type": "text/plain", "value": factory.rendered.text.replace(placeholder, TEXT_TAG)},
-                {"type": "text/html", "value": factory.rendered.html.replace(placeholder, HTML_TAG)},
-            ],
-            "personalizations": [_personalization(m) for m in messages],
-            "tracking_settings": {"subscription_tracking": {"enable": False},
-                                  "click_tracking": {"enable": False, "enable_text": False}},
-        }
-        if factory.reply_to:
-            body["reply_to"] = {"email": factory.reply_to}
-        return ApiRequest("POST", "/v3/mail/send", json=body)
+        # The content, the same for the whole request, is JSON-encoded once per issue; each
+        # personalization is written straight as JSON, a third of what json.dumps of dicts costs.
+        shared = self._shared_json(messages[0].factory)
+        people = ",".join(_personalization(m) for m in messages)
+        return ApiRequest("POST", "/v3/mail/send", content=f'{{"personalizations":[{people}],{shared}'.encode("utf-8"),
+                          headers={"Content-Type": "application/json"})
+
+    def _shared_json(self, factory: MessageFactory) -> str:
+        """The members after personalizations, without the opening brace."""
+        if self._shared is None or self._shared[0] is not factory:
+            placeholder = PLACEHOLDERS["unsubscribe_url"]
+            body = {
+                "from": {"email": factory.envelope_sender, "name": factory.sender_name},
+                "subject": factory.subject,
+                "content": [
+                    {"type": "text/plain", "value": factory.rendered.text.replace(placeholder, TEXT_TAG)},
+                    {"type": "text/html", "value": factory.rendered.html.replace(placeholder, HTML_TAG)},
+                ],
+                "tracking_settings": {"subscription_tracking": {"enable": False},
+                                      "click_tracking": {"enable": False, "enable_text": False}},
+            }
+            if factory.reply_to:
+                body["reply_to"] = {"email": factory.reply_to}
+            self._shared = (factory, json.dumps(body, ensure_ascii=False, separators=(",", ":"))[1:])
+        return self._shared[1]
 
     def retry_after(self, response: httpx.Response) -> float | None:
         # SendGrid's 429 says when its window resets (X-RateLimit-Reset, Unix time), not Retry-After.
@@ -64,14 +77,14 @@ class Backend(HttpBackend):
                 ] * len(messages)
 
 
-def _personalization(message: Message) -> dict:
-    to = {"email": message.recipient}
-    if message.name and not any(c in message.name for c in ",;\r\n"):  # SendGrid refuses , and ; in names
-        to["name"] = message.name
-    return {
-        "to": [to],
-        "headers": message.headers(),
-        "substitutions": {TEXT_TAG: message.unsubscribe_url,
-                          HTML_TAG: html.escape(message.unsubscribe_url, quote=True)},
-        "custom_args": {"message_id": message.message_id.strip("<>")},
-    }
+def _personalization(message: Message) -> str:
+    """{"to": [{"email", "name"}], "headers", "substitutions", "custom_args"} as JSON."""
+    to = f'"email":{js(message.recipient)}'
+    # SendGrid refuses , and ; in names; a name that is not one line is left out, as for every backend
+    if message.name and not any(c in message.name for c in ",;") and not one_line_problem(message.name):
+        to += f',"name":{js(message.name)}'
+    headers = ",".join(f"{js(name)}:{js(value)}" for name, value in message.headers().items())
+    url = message.unsubscribe_url
+    return (f'{{"to":[{{{to}}}],"headers":{{{headers}}},'
+            f'"substitutions":{{"{TEXT_TAG}":{js(url)},"{HTML_TAG}":{js(html.escape(url, quote=True))}}},'
+            f'"custom_args":{{"message_id":{js(message.message_id.strip("<>"))}}}}}')
