@@ -159,6 +159,36 @@ def test_an_unsubscribe_url_with_an_ampersand_is_escaped_in_the_html_only(tmp_pa
             assert "&amp;" not in r.headers["list-unsubscribe"]
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_each_request_states_its_length_and_is_not_chunked(tmp_path, provider):
+    # Postmark's and Resend's bodies are streamed a message at a time, their length given up front.
+    with ApiServer() as server:
+        config = config_for(api_env(tmp_path, server, provider, batch_size=1 if provider == "ses" else 7))
+        subscribe(config, addresses(10))
+        assert send_issue(EXAMPLE, config).this_run["sent"] == 10
+        assert server.delivered() == {a: 1 for a in addresses(10)}
+        for request in server.requests:
+            assert "transfer-encoding" not in request.headers
+            assert int(request.headers["content-length"]) == len(request.body) > 0
+            assert request.headers["content-type"].split(";")[0] in ("application/json", "multipart/form-data")
+
+
+@pytest.mark.parametrize("provider", ["postmark", "resend"])
+def test_a_body_written_in_many_chunks_arrives_whole(tmp_path, provider, monkeypatch):
+    from newsletter.backends.http import JsonArray
+    monkeypatch.setattr(JsonArray, "CHUNK", 5000)  # a chunk every message or so, not every megabyte
+    with ApiServer() as server:
+        config = config_for(api_env(tmp_path, server, provider, batch_size=9))
+        subscribe(config, addresses(20))
+        assert send_issue(EXAMPLE, config).this_run["sent"] == 20
+        assert_each_has_their_own_message(server, config, addresses(20))
+        assert sorted(len(r.recipients) for r in server.requests) == [2, 9, 9]
+    body = JsonArray([[b'{"a":', b'"\xc3\xa9"}'], [b"{}"], [b"[1,", b"2]"]])
+    chunks = list(body.items())
+    assert b"".join(chunks) == bytes(body) and len(bytes(body)) == body.length
+    assert json.loads(bytes(body)) == [{"a": "é"}, {}, [1, 2]]
+
+
 NAMES = {"q@example.com": 'Zoë "Z" O\'Brien', "b@example.com": "Back\\slash Ünïcode", "s@example.com": "Line\u2028sep",
          "p@example.com": "100% {curly} <angle>"}
 
@@ -718,9 +748,10 @@ def _edit_json(spec, change):
     if spec.json is not None:
         change(spec.json)
     else:
-        body = json.loads(spec.content)
+        body = json.loads(bytes(spec.content))
         change(body)
         spec.content = json.dumps(body).encode()
+        spec.headers.pop("Content-Length", None)
 
 
 def _drop(provider):

@@ -42,8 +42,14 @@ class ApiRequest:
     path: str
     json: Any = None
     data: Any = None  # form fields, a list of (name, value) pairs
-    content: bytes | None = None
+    content: bytes | JsonArray | None = None
     headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json_array(cls, path: str, objects: list[list[bytes]], headers: dict[str, str]) -> "ApiRequest":
+        body = JsonArray(objects)
+        return cls("POST", path, content=body, headers={**headers, "Content-Type": "application/json",
+                                                        "Content-Length": str(body.length)})
 
 
 def json_body(response: httpx.Response) -> dict:
@@ -70,16 +76,37 @@ def json_object(fields: dict, encoded_strings: dict[str, list[bytes]]) -> list[b
     return parts
 
 
-def json_array(objects: list[list[bytes]]) -> bytes:
-    """The request body: a JSON array of json_object's pieces, joined once (a Postmark
-    batch is 20 MB: one copy of it, not three)."""
-    parts = [b"["]
-    for index, pieces in enumerate(objects):
-        if index:
-            parts.append(b",")
-        parts += pieces
-    parts.append(b"]")
-    return b"".join(parts)
+class JsonArray:
+    """A request body that is a JSON array of json_object's pieces, sent one item at a
+    time: a Postmark batch is 20 MB, and joining it whole kept two or three copies of it
+    for each request in flight. Its length is known before it is sent (no chunked
+    encoding), and it can be sent again (a retry)."""
+
+    def __init__(self, objects: list[list[bytes]]):
+        self.objects = objects
+        self.length = 2 + max(len(objects) - 1, 0) + sum(len(p) for pieces in objects for p in pieces)
+
+    CHUNK = 1 << 20  # bytes: big enough that writing is not a wait per message, small enough to be no burden
+
+    def items(self):
+        parts, size = [b"["], 1
+        for index, pieces in enumerate(self.objects):
+            if index:
+                parts.append(b",")
+            parts += pieces
+            size += sum(map(len, pieces))
+            if size >= self.CHUNK:
+                yield b"".join(parts)
+                parts, size = [], 0
+        parts.append(b"]")
+        yield b"".join(parts)
+
+    async def __aiter__(self):
+        for item in self.items():
+            yield item
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.items())
 
 
 class RateLimiter:

@@ -18,7 +18,7 @@ import httpx
 
 from ..message import Message
 from .base import FAILED, SENT, Outcome
-from .http import ApiRequest, HttpBackend, json_array, json_object
+from .http import ApiRequest, HttpBackend, json_object
 
 INACTIVE_RECIPIENT = 406
 
@@ -49,8 +49,7 @@ class Backend(HttpBackend):
                 fields["ReplyTo"] = factory.reply_to
             # The bodies go in already encoded: see Message.html_json.
             batch.append(json_object(fields, {"HtmlBody": m.html_json, "TextBody": m.text_json}))
-        return ApiRequest("POST", "/email/batch", content=json_array(batch),
-                          headers={"Content-Type": "application/json"})
+        return ApiRequest.json_array("/email/batch", batch, {})
 
     def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
         try:

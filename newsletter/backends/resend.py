@@ -21,7 +21,7 @@ import httpx
 
 from ..message import Message
 from .base import FAILED, SENT, Outcome
-from .http import RETRY, ApiRequest, HttpBackend, json_body, json_array, json_object
+from .http import RETRY, ApiRequest, HttpBackend, json_body, json_object
 
 
 class Backend(HttpBackend):
@@ -46,9 +46,8 @@ class Backend(HttpBackend):
         key = f"{factory.id_prefix}/{ids}"
         if factory.test_send:  # a proof sent again must go again, not be answered from the key
             key += f"/{secrets.token_hex(4)}"
-        return ApiRequest("POST", "/emails/batch", content=json_array(emails),
-                          headers={"Content-Type": "application/json", "Idempotency-Key": key,
-                                   "x-batch-validation": "permissive"})
+        return ApiRequest.json_array("/emails/batch", emails,
+                                     {"Idempotency-Key": key, "x-batch-validation": "permissive"})
 
     def verdict(self, response: httpx.Response) -> str:
         # 409 concurrent_idempotent_requests: the first request with this key is still
