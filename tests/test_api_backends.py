@@ -807,3 +807,233 @@ def test_the_fake_server_refuses_what_the_provider_refuses(tmp_path, provider):
         shapes = {"sendgrid": "errors", "mailgun": "message", "postmark": "Message", "resend": "message",
                   "ses": "message"}
         assert shapes[provider] in over.json()
+
+
+# -- hand-written request bodies and the batch-at-a-time ledger ----------------------------------------
+
+def _items(provider, request):
+    """What one request says for each message: a dict per message (Mailgun: the form's fields)."""
+    if provider == "sendgrid":
+        return [request.json()]
+    if provider == "mailgun":
+        from api_server import _form_fields
+        fields: dict[str, list[str]] = {}
+        for name, value in _form_fields(request):
+            fields.setdefault(name, []).append(value)
+        return [fields]
+    if provider in ("postmark", "resend"):
+        return request.json()
+    return [request.json()]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_reply_to_reaches_every_provider(tmp_path, provider):
+    # SendGrid's and Mailgun's shared fields are encoded once per issue; Reply-To is among them.
+    with ApiServer() as server:
+        config = config_for(api_env(tmp_path, server, provider))
+        reply_to = config.sender.reply_to
+        assert reply_to
+        subscribe(config, addresses(3))
+        assert send_issue(EXAMPLE, config).this_run["sent"] == 3
+        for request in server.requests:
+            for item in _items(provider, request):
+                if provider == "sendgrid":
+                    assert item["reply_to"] == {"email": reply_to}
+                elif provider == "mailgun":
+                    assert item["h:Reply-To"] == [reply_to]
+                elif provider == "postmark":
+                    assert item["ReplyTo"] == reply_to
+                elif provider == "resend":
+                    assert item["reply_to"] == reply_to
+        if provider == "ses":
+            assert all(r.headers["reply-to"] == reply_to for r in server.received)
+
+
+@pytest.mark.parametrize("configuration_set", [None, "newsletter-events"])
+def test_ses_configuration_set_is_named_in_every_request(tmp_path, configuration_set):
+    # The SES body is joined as bytes around the base64, the configuration set in its tail.
+    with ApiServer() as server:
+        extra = {"configuration_set": configuration_set} if configuration_set else {}
+        config = config_for(api_env(tmp_path, server, "ses", **extra))
+        subscribe(config, addresses(3))
+        assert send_issue(EXAMPLE, config).this_run["sent"] == 3
+        assert len(server.requests) == 3
+        for request in server.requests:
+            body = request.json()
+            assert body.get("ConfigurationSetName") == configuration_set
+            assert sorted(body) == sorted(["FromEmailAddress", "Destination", "Content"]
+                                          + (["ConfigurationSetName"] if configuration_set else []))
+
+
+def test_sendgrid_leaves_out_names_it_refuses_and_sends_to_nameless_subscribers(tmp_path):
+    # SendGrid refuses a whole request (every one of up to 1,000 recipients) for a , or ; in one name.
+    names = {"comma@example.com": "Doe, Jane", "semi@example.com": "A; B", "none@example.com": None,
+             "empty@example.com": "", "fine@example.com": "Jane Doe"}
+    with ApiServer() as server:
+        config = config_for(api_env(tmp_path, server, "sendgrid"))
+        with Store(config.store.path) as store:
+            for address, name in names.items():
+                store.add(Recipient(address, name), "test")
+        summary = send_issue(EXAMPLE, config)
+        assert summary.this_run["sent"] == len(names) and summary.counts["failed"] == 0
+        assert_each_has_their_own_message(server, config, list(names))
+        [request] = server.requests
+        to = {p["to"][0]["email"]: p["to"][0] for p in request.json()["personalizations"]}
+        assert {a: t.get("name") for a, t in to.items()} == {**dict.fromkeys(names), "fine@example.com": "Jane Doe"}
+        for p in request.json()["personalizations"]:  # the id a webhook event carries back
+            assert p["custom_args"]["message_id"] == p["headers"]["X-Newsletter-Message-Id"]
+            assert "<" not in p["custom_args"]["message_id"]
+
+
+QUOTE_URL = 'https://watchman.example/u?q="a\\b"&token={token}'
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_an_unsubscribe_url_and_list_name_with_quotes_and_backslashes_reach_every_provider(tmp_path, provider):
+    # The URL goes into hand-written JSON strings (SendGrid substitutions and headers, Postmark's and
+    # Resend's spliced bodies), the list name into List-Id.
+    with ApiServer() as server:
+        env = {**api_env(tmp_path, server, provider), "NEWSLETTER_PUBLICATION_UNSUBSCRIBE_URL": QUOTE_URL,
+               "NEWSLETTER_PUBLICATION_NAME": 'The "Watchman" \\ Brief'}
+        config = config_for(env)
+        subscribe(config, addresses(3))
+        summary = send_issue(EXAMPLE, config)
+        assert summary.this_run["sent"] == 3, ledger(config)
+        assert_each_has_their_own_message(server, config, addresses(3))
+        for r in server.received:
+            assert '?q="a\\b"&token=' in r.text and "?q=&quot;a\\b&quot;&amp;token=" in r.html
+            assert r.headers["list-id"] == f'"The \\"Watchman\\" \\\\ Brief" <{config.publication.list_id}>'
+
+
+def test_a_retry_after_too_long_to_wait_for_defers_the_batch_until_then(tmp_path):
+    # The provider's Retry-After (over MAX_RETRY_AFTER) sets when the deferred rows fall due.
+    with ApiServer() as server:
+        server.throttle(1, retry_after=600)
+        config = config_for(api_env(tmp_path, server, "postmark", send={"retry_delay": 1, "max_wait": 0}))
+        subscribe(config, addresses(3))
+        before = time.time()
+        summary = send_issue(EXAMPLE, config)
+        assert summary.counts["deferred"] == 3 and len(server.requests) == 1
+        with Store(config.store.path) as store:
+            due = [t for (t,) in store.db.execute("SELECT next_try FROM deliveries")]
+        assert all(before + 590 <= t <= time.time() + 610 for t in due), [t - before for t in due]
+
+
+def test_mailgun_body_is_strict_multipart_form_data_with_every_field(tmp_path):
+    # Written by hand: each part opened by CRLF "--" boundary, closed by "--" boundary "--" (RFC 7578,
+    # RFC 2046 section 5.1.1), which a stricter parser than the stand-in's needs exactly.
+    with ApiServer() as server:
+        config = config_for(api_env(tmp_path, server, "mailgun"))
+        subscribe(config, addresses(3))
+        assert send_issue(EXAMPLE, config).this_run["sent"] == 3
+        [request] = server.requests
+    boundary = re.fullmatch(r"multipart/form-data; boundary=([0-9a-f]{32})", request.headers["content-type"])[1]
+    body = request.body.removesuffix(b"\r\n")  # (a CRLF after the close-delimiter is optional)
+    assert body.startswith(f"--{boundary}\r\n".encode()) and body.endswith(f"\r\n--{boundary}--".encode())
+    parts = body[len(f"--{boundary}\r\n"):-len(f"\r\n--{boundary}--")].split(f"\r\n--{boundary}\r\n".encode())
+    fields = []
+    for part in parts:
+        head, sep, value = part.partition(b"\r\n\r\n")
+        assert sep and re.fullmatch(rb'Content-Disposition: form-data; name="[\w:-]+"', head), head
+        fields.append((head.split(b'"')[1].decode(), value.decode("utf-8")))
+    names = [n for n, _ in fields]
+    assert sorted(set(names)) == sorted(["from", "to", "subject", "text", "html", "h:List-Unsubscribe",
+                                         "h:List-Unsubscribe-Post", "h:List-Id", "h:Message-Id", "h:Reply-To",
+                                         "o:tracking-clicks", "recipient-variables"])
+    values = dict(fields)
+    assert names.count("to") == 3 and values["o:tracking-clicks"] == "no"
+    assert values["h:List-Id"] == f"The Watchman Brief <{config.publication.list_id}>"
+    assert json.loads(values["recipient-variables"]).keys() == set(addresses(3))
+
+
+@pytest.mark.parametrize("provider", ["sendgrid", "mailgun"])
+def test_a_backend_used_for_a_test_send_and_then_the_real_send_sends_each_its_own_content(tmp_path, provider):
+    # What every request shares is kept per issue: the real send must not reuse the proof's "[TEST]" subject.
+    with ApiServer() as server:
+        config = config_for(api_env(tmp_path, server, provider))
+        backend = get_backend(provider, config, ISSUE)
+        send_issue(EXAMPLE, config, test_addresses=["proof@example.com"], backend=backend)
+        subscribe(config, addresses(2))
+        assert send_issue(EXAMPLE, config, backend=backend).this_run["sent"] == 2
+        subjects = {r.address: r.subject for r in server.received}
+        assert subjects["proof@example.com"].startswith("[TEST] ")
+        real = read_issue(EXAMPLE).subject
+        assert subjects["r0@example.com"] == subjects["r1@example.com"] == real
+
+
+def test_the_progress_line_counts_every_message_of_a_batch(tmp_path):
+    # Outcomes are recorded a group of rows at a time; the progress line must still count each.
+    import io
+    from newsletter.progress import ProgressLine
+    with ApiServer() as server:
+        server.reject("r3@example.com")  # its whole batch of 40 fails, one reply for all
+        config = config_for(api_env(tmp_path, server, "sendgrid", batch_size=40))
+        subscribe(config, addresses(100))
+        stream = io.StringIO()
+        summary = send_issue(EXAMPLE, config, progress=ProgressLine(stream=stream))
+        assert summary.this_run["sent"] == 60 and summary.this_run["failed"] == 40
+        last = stream.getvalue().strip().splitlines()[-1]
+        assert " 100/100 " in last and last.endswith("failed 40 sent 60"), last
+
+
+def test_a_json_array_body_is_written_a_chunk_at_a_time(monkeypatch):
+    # The point of JsonArray: a 20 MB Postmark batch is never joined whole.
+    from newsletter.backends.http import JsonArray
+    monkeypatch.setattr(JsonArray, "CHUNK", 5000)
+    objects = [[b'{"n":', str(i).encode(), b',"x":"', b"y" * 990, b'"}'] for i in range(40)]
+    body = JsonArray(objects)
+    chunks = list(body.items())
+    assert b"".join(chunks) == bytes(body) and len(bytes(body)) == body.length
+    assert [o["n"] for o in json.loads(bytes(body))] == list(range(40))
+    assert len(chunks) >= 7
+    assert all(5000 <= len(c) < 5000 + 1100 for c in chunks[:-1]), [len(c) for c in chunks]
+
+
+def test_a_deferred_batch_of_rows_with_different_attempt_counts_records_each_by_its_own_count(tmp_path):
+    # One batch, one deferred outcome, rows grouped into one UPDATE per (state, reply, next_try):
+    # each row still backs off by its own attempts, and the one at max_attempts fails.
+    attempts = {"r0@example.com": 0, "r1@example.com": 1, "r2@example.com": 2, "r3@example.com": 4,
+                "r4@example.com": 0}
+    with ApiServer() as server:
+        server.fail(3)
+        config = config_for(api_env(tmp_path, server, "postmark", max_retries=2,
+                                    send={"retry_delay": 100, "max_wait": 0, "max_attempts": 5}))
+        subscribe(config, list(attempts))
+        with Store(config.store.path) as store:
+            store.enqueue_subscribers(ISSUE, Signer(SECRET.encode(), config.publication.list_id).recipient_key)
+            for address, n in attempts.items():
+                store.db.execute("UPDATE deliveries SET attempts = ? WHERE email = ?", (n, address))
+        before = time.time()
+        summary = send_issue(EXAMPLE, config)
+        after = time.time()
+        assert len(server.requests) == 3 and {len(r.recipients) for r in server.requests} == {5}
+        assert summary.this_run["deferred"] == 4 and summary.this_run["failed"] == 1
+        with Store(config.store.path) as store:
+            rows = {e: (s, r, a, t) for e, s, r, a, t in
+                    store.db.execute("SELECT email, state, reply, attempts, next_try FROM deliveries")}
+    state, reply, count, _ = rows["r3@example.com"]
+    assert state == "failed" and count == 5
+    assert reply.startswith("gave up after 5 attempts; last reply: Postmark API response 500: ")
+    delays = {}
+    for address in ("r0@example.com", "r1@example.com", "r2@example.com", "r4@example.com"):
+        state, reply, count, next_try = rows[address]
+        assert state == "deferred" and count == attempts[address] + 1 and reply.endswith("(after 3 attempts)")
+        delays[address] = next_try - before
+    jitter = delays["r0@example.com"] / 100
+    assert 0.9 <= jitter <= 1.1 + (after - before) / 100
+    assert delays["r4@example.com"] == delays["r0@example.com"]  # one jitter for the batch
+    for address, factor in (("r1@example.com", 2), ("r2@example.com", 4)):
+        assert abs(delays[address] - factor * 100 * jitter) < 1 + (after - before), delays
+
+
+@pytest.mark.parametrize("provider", ["postmark", "resend"])
+def test_postmark_and_resend_requests_are_streamed_with_their_length_up_front(tmp_path, provider):
+    from newsletter.backends.http import JsonArray
+    with ApiServer() as server:
+        config = config_for(api_env(tmp_path, server, provider))
+        spec = get_backend(provider, config, ISSUE).build(_messages(config, 3))
+    assert isinstance(spec.content, JsonArray)  # not joined into one bytes object
+    assert spec.headers["Content-Length"] == str(len(bytes(spec.content)))
+    assert [item["to"] if provider == "resend" else item["To"] for item in json.loads(bytes(spec.content))] == [
+        [f'"Reader {i}" <r{i}@example.com>'] if provider == "resend" else f'"Reader {i}" <r{i}@example.com>'
+        for i in range(3)]

@@ -8,6 +8,7 @@ import email
 import email.policy
 import hmac
 import html
+import json
 import random
 import re
 import string
@@ -625,3 +626,18 @@ def test_signer_hmac_is_hmac_sha256(secret):
     signer = Signer(secret, "list.example")
     for data in (b"", b"recipient:ada@example.com", bytes(range(256)) * 3):
         assert signer._hmac(data) == hmac.digest(secret, data, "sha256")
+
+
+QUOTE_URL = 'https://x.example/u?q="a\\b"&t={token}'
+
+
+@pytest.mark.parametrize("url", [None, AMP_URL, QUOTE_URL], ids=["default", "ampersand", "quote-backslash"])
+@pytest.mark.parametrize("case", ["example", *TEXTS, "html-long-line"])
+def test_json_bodies_are_the_message_bodies_as_json_strings(example, config, signer, case, url):
+    # Postmark and Resend get html_json/text_json spliced into their JSON by hand: each must be
+    # exactly the body, with every unsubscribe URL in it, as the inside of a JSON string.
+    rendered = dict(variants(example))[case]
+    msg = build(rendered, with_unsubscribe_url(config, url) if url else config, signer)
+    for pieces, body in ((msg.html_json, msg.html), (msg.text_json, msg.text)):
+        assert all(isinstance(p, bytes) for p in pieces)
+        assert json.loads(b'"' + b"".join(pieces) + b'"') == body
