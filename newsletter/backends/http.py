@@ -77,16 +77,16 @@ def json_object(fields: dict, encoded_strings: dict[str, list[bytes]]) -> list[b
 
 
 class JsonArray:
-    """A request body that is a JSON array of json_object's pieces, sent one item at a
-    time: a Postmark batch is 20 MB, and joining it whole kept two or three copies of it
-    for each request in flight. Its length is known before it is sent (no chunked
-    encoding), and it can be sent again (a retry)."""
+    """A request body that is a JSON array of json_object's pieces, written about CHUNK
+    bytes at a time: a Postmark batch is 20 MB, and joining it whole kept two or three
+    copies of it for each request in flight. Its length is known before it is sent (no
+    chunked encoding), and it can be sent again (a retry)."""
+
+    CHUNK = 1 << 20  # bytes: big enough that writing is not a wait per message, small enough to be no burden
 
     def __init__(self, objects: list[list[bytes]]):
         self.objects = objects
         self.length = 2 + max(len(objects) - 1, 0) + sum(len(p) for pieces in objects for p in pieces)
-
-    CHUNK = 1 << 20  # bytes: big enough that writing is not a wait per message, small enough to be no burden
 
     def items(self):
         parts, size = [b"["], 1
