@@ -28,6 +28,18 @@ def _date(text: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}") from None
 
 
+def _when(text: str) -> str:
+    """An ISO date or time, as the store writes them (UTC, seconds)."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date or time like 2026-12-01 or 2026-12-01T09:30, "
+                                         f"got {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.astimezone(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def make_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH", type=Path,
@@ -78,6 +90,10 @@ def make_parser() -> argparse.ArgumentParser:
     send.add_argument("--dry-run", action="store_true", help="build every message, send nothing, record nothing")
     send.add_argument("--allow-changed", action="store_true",
                       help="resume a send although the issue changed since it began (the rest get the new version)")
+    send.add_argument("--retry-failed", action="store_true",
+                      help="send again to recipients whose failure was not their own (a server's or the sender's)")
+    send.add_argument("--resend-uncertain", action="store_true",
+                      help="send again the messages that may or may not have been delivered (see `status`)")
     send.set_defaults(run=run_send)
 
     status = commands.add_parser("status", parents=[common], help="show how a send is going",
@@ -104,6 +120,18 @@ def make_parser() -> argparse.ArgumentParser:
     lst = subs_commands.add_parser("list", parents=[common], help="list subscribers")
     lst.add_argument("--status", choices=("subscribed", "unsubscribed", "bounced", "complained"))
     lst.set_defaults(run=run_subscribers_list)
+    restore = subs_commands.add_parser(
+        "restore", parents=[common], help="lift suppressions that were not the readers' fault",
+        description="Lift suppressions put in place by a refusal that was not the reader's (a misconfigured "
+                    "server, a mistyped sender): by address, by words of the reply, by time. Bounced subscribers "
+                    "among them are subscribed again and their failed messages become pending; unsubscribes and "
+                    "complaints are never undone. Give at least one filter; all given must match.")
+    restore.add_argument("emails", nargs="*", metavar="EMAIL", help="these addresses")
+    restore.add_argument("--reply", metavar="TEXT", help="suppressions whose reply contains TEXT, e.g. '5.1.1'")
+    restore.add_argument("--since", metavar="TIME", type=_when, help="suppressed at or after TIME (ISO, UTC)")
+    restore.add_argument("--until", metavar="TIME", type=_when, help="suppressed at or before TIME (ISO, UTC)")
+    restore.add_argument("--dry-run", action="store_true", help="list what would be restored, change nothing")
+    restore.set_defaults(run=run_subscribers_restore)
     return parser
 
 
@@ -184,14 +212,19 @@ def run_send(args) -> int:
 
     summary = send_issue(_issue_path(args.issue), _load_config(args), backend_name=args.backend, to_csv=args.to,
                          test_addresses=args.test, dry_run=args.dry_run, allow_changed=args.allow_changed,
+                         retry_failed=args.retry_failed, resend_uncertain=args.resend_uncertain,
                          progress=ProgressLine())
     for warning in summary.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if summary.csv:
         _print_csv_report(summary.csv, args.to)
-    if summary.resent_in_flight:
-        print(f"{len(summary.resent_in_flight)} message(s) were in flight when an earlier send stopped; "
-              "sent again with the same Message-ID: " + ", ".join(summary.resent_in_flight), file=sys.stderr)
+    if summary.found_in_flight:
+        print(f"{len(summary.found_in_flight)} message(s) were in flight when an earlier send stopped and may have "
+              "been delivered; they are marked uncertain, not sent again (see `status`; --resend-uncertain "
+              "sends them): " + ", ".join(summary.found_in_flight[:20])
+              + (" ..." if len(summary.found_in_flight) > 20 else ""), file=sys.stderr)
+    if summary.requeued:
+        print(f"{summary.requeued} message(s) put back to send again")
     run = summary.this_run
     if args.dry_run:
         size = summary.bytes / max(summary.built, 1) / 1024
@@ -199,20 +232,24 @@ def run_send(args) -> int:
               f"{run['skipped']} skipped; nothing sent")
         return EXIT_OK
     print(f"{'test send' if args.test else summary.issue}: sent {run['sent']}, deferred {run['deferred']}, "
-          f"failed {run['failed']}, skipped {run['skipped']}")
+          f"failed {run['failed']}, uncertain {run['uncertain']}, skipped {run['skipped']}")
     if summary.counts:
         c = summary.counts
-        print(f"ledger: {c['sent']} sent, {c['pending']} pending, {c['deferred']} deferred, "
-              f"{c['failed']} failed, {c['skipped']} skipped")
+        which = "proofs in the outbox" if summary.destination == "outbox" else "deliveries"
+        print(f"ledger ({which}): {c['sent']} sent, {c['pending']} pending, {c['deferred']} deferred, "
+              f"{c['failed']} failed, {c['uncertain']} uncertain, {c['skipped']} skipped")
     if summary.stopped:
         print(f"stopped: {summary.stopped}", file=sys.stderr)
     if summary.counts and not sum(summary.counts.values()):
         print("nobody to send to: add subscribers with `newsletter subscribers import FILE.csv`, "
               "or pass --to FILE.csv", file=sys.stderr)
     if summary.backend == "outbox":
-        print(f"messages are in {summary.backend_detail.removeprefix('outbox ')}")
-    if run["failed"]:
-        return EXIT_INVALID
+        print(f"messages are in {summary.backend_detail.removeprefix('outbox ')} (proofs: they do not count as "
+              "delivered; send with --backend smtp or an API to deliver)")
+    if summary.refused:
+        return EXIT_FAILED
+    if run["failed"] or (summary.counts and summary.counts["uncertain"]):
+        return EXIT_INVALID  # failed for good, or waiting for a decision on uncertain messages
     if run["deferred"] or (summary.counts and (summary.counts["deferred"] or summary.counts["pending"])):
         return EXIT_DEFERRED
     return EXIT_OK
@@ -221,19 +258,28 @@ def run_send(args) -> int:
 def run_status(args) -> int:
     from .sender import status_of
 
-    counts, problems, in_flight = status_of(_load_config(args), args.issue)
-    total = sum(counts.values())
-    if not total:
+    status = status_of(_load_config(args), args.issue)
+    if not status.destinations:
         print(f"{args.issue}: not sent yet")
         return EXIT_OK
-    print(f"{args.issue}: {total} recipient(s)")
-    for state, n in counts.items():
-        print(f"  {state:<9} {n}")
-    for email, updated in in_flight:
-        print(f"in flight when a send stopped ({updated}): {email}; the next send sends it again")
-    for email, state, reply, attempts in problems:
-        print(f"{state}: {email} ({attempts} attempt{'s' * (attempts != 1)}): {reply}")
-    return EXIT_INVALID if counts["failed"] else EXIT_OK
+    names = {"mail": "delivered by mail", "outbox": "proofs in the outbox (never counted as delivered)"}
+    for dest in sorted(status.destinations, key=lambda d: d != "mail"):
+        counts = status.destinations[dest]
+        print(f"{args.issue}: {names.get(dest, dest)}: {sum(counts.values())} recipient(s)")
+        for state, n in counts.items():
+            print(f"  {state:<9} {n}")
+        if dest == "mail" and status.sent_via:
+            print("  sent via " + ", ".join(f"{via} {n}" for via, n in sorted(status.sent_via.items())))
+    for email, updated in status.in_flight:
+        print(f"in flight ({updated}): {email}; if no send is running, the next one marks it uncertain")
+    for email, state, reply, attempts, fault in status.problems:
+        whose = f", {fault}'s fault" if fault and state != "uncertain" else ""
+        print(f"{state}: {email} ({attempts} attempt{'s' * (attempts != 1)}{whose}): {reply}")
+    mail = status.destinations.get("mail", {})
+    if mail.get("uncertain"):
+        print(f"{mail['uncertain']} message(s) may or may not have been delivered: "
+              "`newsletter send ISSUE --resend-uncertain` sends them again")
+    return EXIT_INVALID if mail.get("failed") or mail.get("uncertain") else EXIT_OK
 
 
 def _store(args):
@@ -314,6 +360,19 @@ def run_subscribers_list(args) -> int:
             print(f"{email:<40} {status:<12} {name or '':<24} {changed_at} {how}")
     print(f"{n} subscriber(s)", file=sys.stderr)
     return EXIT_OK
+
+
+def run_subscribers_restore(args) -> int:
+    from .recipients import normalize
+
+    with _store(args) as store:
+        found = store.restore([normalize(e) for e in args.emails], args.reply, args.since, args.until,
+                              apply=not args.dry_run)
+    for email, reason, when in found:
+        print(f"{email:<40} suppressed {when}: {reason}")
+    verb = "would be restored" if args.dry_run else "restored"
+    print(f"{len(found)} address(es) {verb}", file=sys.stderr)
+    return EXIT_OK if found else EXIT_INVALID
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,6 +209,8 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "max_attempts": Int(default=5, min=1, max=100),
         "retry_delay": Seconds(default=60.0, help="first wait before retrying a deferred message; doubles each time"),
         "max_wait": Seconds(default=300.0, help="how long one send run waits for deferred retries to fall due"),
+        "breaker": Int(default=10, min=0, max=1_000_000,
+                       help="stop the run when this many recipients in a row get the same refusal (0: never)"),
         "secret": Secret(help="signs unsubscribe tokens; from NEWSLETTER_SEND_SECRET or NEWSLETTER_SECRET"),
     },
     "smtp": {
@@ -291,6 +293,7 @@ class Send:
     max_attempts: int
     retry_delay: float
     max_wait: float
+    breaker: int
     secret: str | None = field(repr=False)
 
 

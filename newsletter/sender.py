@@ -1,10 +1,12 @@
 """`newsletter send`: render once, then hand each recipient's message to a backend through
 the ledger, so that a send can stop or crash at any moment and be resumed.
 
-The rule for rows left in `sending` (the process died while their message was in
-flight, at most one per connection): the next run reports them and sends them again
-with the same Message-ID. Nobody is skipped; a receiving system that did take the first
-copy sees the same Message-ID twice and can drop it (Gmail does).
+What each answer does to the ledger, the recipient and the run is decided in
+outcome.py. Rows left in `sending` (the process died while their message was in flight:
+at most one per SMTP connection, or the batches in flight of an API) may have been
+delivered: the next run marks them `uncertain` and reports them, and only
+`--resend-uncertain` sends them again (with the same Message-ID). A proof written to the
+outbox is another destination in the ledger and never counts as a delivery.
 
 Signals: SIGINT or SIGTERM stop the run after the messages in flight; the rest stays
 pending for the next run.
@@ -24,10 +26,12 @@ from pathlib import Path
 from typing import Iterator
 
 from .backends import get_backend
-from .backends.base import DEFERRED, FAILED, SENT, Backend, Outcome
+from .backends.base import Backend
 from .config import Config
 from .errors import ConfigError, RecipientsError, SendError, StoreError
 from .message import MessageFactory
+from .outcome import (DEFERRED, DELIVERY, FAILED, SENDING, SENT, SKIPPED, UNCERTAIN, Breaker, Outcome, decide,
+                      destination)
 from .reader import read_issue
 from .recipients import CsvReport, Recipient, address_problem, normalize, read_csv
 from .render import Renderer
@@ -55,11 +59,15 @@ class SendSummary:
     issue: str
     backend: str  # its name
     backend_detail: str = ""  # where it sends: folder, host and port
+    destination: str = DELIVERY  # the ledger it writes: proofs (outbox) or deliveries
     counts: dict[str, int] = field(default_factory=dict)  # the ledger after the run
-    this_run: dict[str, int] = field(default_factory=lambda: {SENT: 0, DEFERRED: 0, FAILED: 0, "skipped": 0})
-    resent_in_flight: list[str] = field(default_factory=list)
+    this_run: dict[str, int] = field(
+        default_factory=lambda: {SENT: 0, DEFERRED: 0, FAILED: 0, SKIPPED: 0, UNCERTAIN: 0})
+    found_in_flight: list[str] = field(default_factory=list)  # left `sending` by a run that died
+    requeued: int = 0  # rows put back by --retry-failed or --resend-uncertain
     csv: CsvReport | None = None
     stopped: str | None = None  # why the run ended early, if it did
+    refused: str | None = None  # a refusal that was not the readers' stopped it: what to fix
     built: int = 0  # --dry-run and --test: messages built
     bytes: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -79,8 +87,8 @@ def make_signer(config: Config, allow_ephemeral: bool, warnings: list[str]) -> S
 class IssueLock:
     """One send per issue at a time. flock is released by the kernel when the process dies."""
 
-    def __init__(self, store_path: Path, issue: str):
-        self.path = store_path.with_name(f"{store_path.name}.{issue}.lock")
+    def __init__(self, store_path: Path, issue: str, dest: str = DELIVERY):
+        self.path = store_path.with_name(f"{store_path.name}.{issue}.{dest}.lock")
         self.issue = issue
 
     def __enter__(self):
@@ -106,13 +114,15 @@ class IssueLock:
 
 def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | None = None,
                to_csv: str | Path | None = None, test_addresses: list[str] | None = None,
-               dry_run: bool = False, allow_changed: bool = False, progress: Progress | None = None,
+               dry_run: bool = False, allow_changed: bool = False, retry_failed: bool = False,
+               resend_uncertain: bool = False, progress: Progress | None = None,
                backend: Backend | None = None) -> SendSummary:
     progress = progress or Progress()
     issue = read_issue(issue_path)
     rendered = Renderer(config).render(issue)
     backend_name = backend_name or config.send.backend
-    summary = SendSummary(issue.stem, backend_name)
+    dest = destination(backend_name)
+    summary = SendSummary(issue.stem, backend_name, destination=dest)
     local = dry_run or backend_name == "outbox" or bool(test_addresses)
     signer = make_signer(config, allow_ephemeral=local, warnings=summary.warnings)
     factory = MessageFactory(rendered, config, signer, test_send=bool(test_addresses))
@@ -125,33 +135,45 @@ def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | No
     with Store(config.store.path) as store:
         if dry_run:
             return _dry_run(store, factory, signer, to_csv, issue.stem, summary, progress)
-        with IssueLock(config.store.path, issue.stem):
-            _check_unchanged(store, issue.stem, factory.digest, allow_changed)
-            summary.resent_in_flight = [email for email, _ in store.in_flight(issue.stem)]
-            store.requeue_in_flight(issue.stem)
+        with IssueLock(config.store.path, issue.stem, dest):
+            _check_unchanged(store, issue.stem, factory.digest, str(Path(issue_path).resolve()), allow_changed,
+                             dest)
+            summary.found_in_flight = [email for email, _ in store.in_flight(issue.stem, dest)]
+            store.settle_in_flight(issue.stem, dest)
+            if resend_uncertain:
+                summary.requeued += store.requeue(issue.stem, dest, UNCERTAIN, "resent (--resend-uncertain); was: ")
+            if retry_failed:
+                summary.requeued += store.requeue(issue.stem, dest, FAILED, "retried (--retry-failed); was: ")
             if to_csv:
                 summary.csv = CsvReport()
-                store.enqueue(issue.stem, read_csv(to_csv, summary.csv), signer.recipient_key)
+                store.enqueue(issue.stem, read_csv(to_csv, summary.csv), signer.recipient_key, dest=dest)
             else:
-                store.enqueue_subscribers(issue.stem, signer.recipient_key)
+                store.enqueue_subscribers(issue.stem, signer.recipient_key, dest)
             backend = backend or get_backend(backend_name, config, issue.stem)
             summary.backend_detail = backend.describe()
             try:
-                asyncio.run(_deliver(store, issue.stem, factory, backend, config, summary, progress))
+                asyncio.run(_deliver(store, issue.stem, dest, factory, backend, config, summary, progress))
             finally:
                 progress.finish()
-            summary.counts = store.counts(issue.stem)
+            summary.counts = store.counts(issue.stem, dest)
     return summary
 
 
-def _check_unchanged(store: Store, issue: str, digest: str, allow_changed: bool) -> None:
-    """A send resumed after the issue was edited would mail two versions of it."""
-    if store.send_digest(issue, digest, replace=allow_changed) == digest:
+def _check_unchanged(store: Store, issue: str, digest: str, source: str, allow_changed: bool, dest: str) -> None:
+    """A send resumed after the issue was edited would mail two versions of it, and two
+    issue files of the same name must never share a ledger."""
+    began_with, began_from = store.send_digest(issue, digest, source, replace=allow_changed, dest=dest)
+    if began_with == digest:
+        if began_from != source:  # the same issue, moved: follow it
+            store.send_digest(issue, digest, source, replace=True, dest=dest)
         return
-    sent = store.counts(issue)["sent"]
+    sent = store.counts(issue, dest)["sent"]
     if not sent:
-        store.send_digest(issue, digest, replace=True)  # nobody has the old version: start afresh
+        store.send_digest(issue, digest, source, replace=True, dest=dest)  # nobody has the old one: start afresh
         return
+    if began_from and began_from != source:
+        raise StoreError(f"another issue file named {issue} ({began_from}) has already been sent to {sent} "
+                         f"reader(s), and {source} is a different issue: give this one a name of its own")
     raise StoreError(f"{issue} has changed since its send began ({sent} already sent): the rest would get "
                      "another version. Send it anyway with --allow-changed, or send the new version under "
                      "a new file name.")
@@ -159,8 +181,8 @@ def _check_unchanged(store: Store, issue: str, digest: str, allow_changed: bool)
 
 # -- the send loop -----------------------------------------------------------------------------
 
-async def _deliver(store: Store, issue: str, factory: MessageFactory, backend: Backend, config: Config,
-                   summary: SendSummary, progress: Progress) -> None:
+async def _deliver(store: Store, issue: str, dest: str, factory: MessageFactory, backend: Backend,
+                   config: Config, summary: SendSummary, progress: Progress) -> None:
     settings = config.send
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -169,18 +191,19 @@ async def _deliver(store: Store, issue: str, factory: MessageFactory, backend: B
             loop.add_signal_handler(sig, lambda s=sig: (stop.set(), _note_stop(summary, f"stopped by {s.name}")))
         except (NotImplementedError, RuntimeError):  # not the main thread: no signal handling
             pass
-    counts = store.counts(issue)
+    counts = store.counts(issue, dest)
     progress.start(counts["pending"] + counts["deferred"], backend.describe())
+    run = _Run(store, issue, dest, factory, backend, settings, summary, progress, stop)
 
     workers = []
     try:
         for _ in range(backend.connections):
             workers.append(await backend.open_worker())
         while not stop.is_set():
-            await _one_pass(store, issue, factory, workers, backend.batch_size, settings, summary, progress, stop)
+            await run.one_pass(workers)
             if stop.is_set():
                 break
-            next_try = store.next_retry(issue)
+            next_try = store.next_retry(issue, dest)
             if next_try is None:
                 break
             wait = next_try - time.time()
@@ -206,95 +229,119 @@ def _note_stop(summary: SendSummary, why: str) -> None:
     summary.stopped = summary.stopped or why
 
 
-async def _one_pass(store, issue, factory, workers, batch_size, settings, summary, progress, stop) -> None:
-    # Messages wait here already built: a few each for SMTP, one batch each for the APIs
-    # (a Postmark batch of 500 complete messages is 20 MB).
-    queue: asyncio.Queue = asyncio.Queue(maxsize=len(workers) * (8 if batch_size == 1 else 1))
-    fatal: list[BaseException] = []
+class _Run:
+    """One send run: a producer reads due rows and builds messages, one task per worker
+    sends them, and every answer goes through outcome.decide into the ledger."""
 
-    async def work(worker):
-        try:
-            await deliver_from_queue(worker)
-        except Exception as exc:  # a bug: stop everything, but never leave the producer waiting
-            fatal.append(exc)
-            stop.set()
-            while await queue.get() is not None:
-                pass
+    def __init__(self, store: Store, issue: str, dest: str, factory: MessageFactory, backend: Backend,
+                 settings, summary: SendSummary, progress: Progress, stop: asyncio.Event):
+        self.store, self.issue, self.dest, self.factory = store, issue, dest, factory
+        self.backend, self.settings, self.summary, self.progress, self.stop = (
+            backend, settings, summary, progress, stop)
+        self.breaker = Breaker(settings.breaker)
 
-    async def deliver_from_queue(worker):
-        while (batch := await queue.get()) is not None:
-            if stop.is_set():
-                continue  # still pending in the ledger: the next run sends it
-            ids = [delivery.id for delivery, _ in batch]
-            with store.transaction(len(batch) > 1):
-                store.mark_many(ids, "sending", count_attempt=True)
+    def refuse(self, why: str) -> None:
+        """A refusal that would fail everyone alike: stop now, the rest stays pending."""
+        self.summary.refused = self.summary.refused or why
+        _note_stop(self.summary, why)
+        self.stop.set()
+
+    async def one_pass(self, workers) -> None:
+        store, stop, batch_size = self.store, self.stop, self.backend.batch_size
+        # Messages wait here already built: a few each for SMTP, one batch each for the APIs
+        # (a Postmark batch of 500 complete messages is 20 MB).
+        queue: asyncio.Queue = asyncio.Queue(maxsize=len(workers) * (8 if batch_size == 1 else 1))
+        fatal: list[BaseException] = []
+
+        async def work(worker):
             try:
-                outcomes = await worker.send_batch([message for _, message in batch])
-            except SendError as exc:
-                with store.transaction():
-                    store.mark_many(ids, "pending", reply=f"not sent: {exc}")
+                await deliver_from_queue(worker)
+            except Exception as exc:  # a bug: stop everything, but never leave the producer waiting
                 fatal.append(exc)
                 stop.set()
-                continue
-            # One jitter for the batch: its deferred rows fall due together and go out
-            # again as one batch (for Resend, under the same Idempotency-Key).
-            jitter = random.uniform(0.9, 1.1)
-            with store.transaction(len(batch) > 1 or any(o.suppress for o in outcomes)):
-                _record(store, [delivery for delivery, _ in batch], outcomes, settings, summary, progress, jitter)
+                while await queue.get() is not None:
+                    pass
 
-    tasks = [asyncio.create_task(work(w)) for w in workers]
-    try:
-        after = 0
-        pending: list = []
-        while not stop.is_set():
-            rows = store.due(issue, max(settings.batch_size, batch_size), after_id=after)
-            if not rows:
-                break
-            after = rows[-1].id
-            blocked = store.blocked([d.email for d in rows])
-            for delivery in rows:
+        async def deliver_from_queue(worker):
+            while (batch := await queue.get()) is not None:
                 if stop.is_set():
-                    break
-                if delivery.email.lower() in blocked:
-                    store.mark(delivery.id, "skipped", reply="unsubscribed or suppressed before sending")
-                    summary.this_run["skipped"] += 1
-                    progress.advance("skipped")
+                    continue  # still pending in the ledger: the next run sends it
+                ids = [delivery.id for delivery, _ in batch]
+                with store.transaction(len(batch) > 1):
+                    store.mark_many(ids, SENDING, count_attempt=True, via=self.backend.name)
+                try:
+                    outcomes = await worker.send_batch([message for _, message in batch])
+                except SendError as exc:
+                    with store.transaction():
+                        store.mark_many(ids, "pending", reply=f"not sent: {exc}")
+                    fatal.append(exc)
+                    stop.set()
                     continue
-                pending.append((delivery, factory.build(delivery.email, delivery.name, delivery.rkey)))
-                if len(pending) == batch_size:
-                    await queue.put(pending)
-                    pending = []
-        if pending and not stop.is_set():
-            await queue.put(pending)
-    finally:
-        for _ in tasks:
-            await queue.put(None)
-        await asyncio.gather(*tasks)
-    if fatal:
-        raise fatal[0]
+                self.record([delivery for delivery, _ in batch], outcomes)
 
+        tasks = [asyncio.create_task(work(w)) for w in workers]
+        try:
+            after = 0
+            pending: list = []
+            while not stop.is_set():
+                rows = store.due(self.issue, max(self.settings.batch_size, batch_size), after_id=after,
+                                 dest=self.dest)
+                if not rows:
+                    break
+                after = rows[-1].id
+                blocked = store.blocked([d.email for d in rows])
+                for delivery in rows:
+                    if stop.is_set():
+                        break
+                    if delivery.email.lower() in blocked:
+                        store.mark(delivery.id, SKIPPED, reply="unsubscribed or suppressed before sending")
+                        self.summary.this_run[SKIPPED] += 1
+                        self.progress.advance(SKIPPED)
+                        continue
+                    pending.append((delivery, self.factory.build(delivery.email, delivery.name, delivery.rkey)))
+                    if len(pending) == batch_size:
+                        await queue.put(pending)
+                        pending = []
+            if pending and not stop.is_set():
+                await queue.put(pending)
+        finally:
+            for _ in tasks:
+                await queue.put(None)
+            await asyncio.gather(*tasks)
+        if fatal:
+            raise fatal[0]
 
-def _record(store: Store, deliveries: list[Delivery], outcomes: list[Outcome], settings,
-            summary: SendSummary, progress: Progress, jitter: float = 1.0) -> None:
-    """Write a batch's outcomes: rows with the same result share one UPDATE."""
-    groups: dict[tuple[str, str, float], list[int]] = {}
-    now = time.time()
-    for delivery, outcome in zip(deliveries, outcomes, strict=True):
-        attempts = delivery.attempts + 1
-        state, reply, next_try = outcome.state, outcome.reply, 0.0
-        if state == DEFERRED and attempts >= settings.max_attempts:
-            state, reply = FAILED, f"gave up after {attempts} attempts; last reply: {reply}"
-        if state == DEFERRED:
-            delay = max(settings.retry_delay * (2 ** (attempts - 1)) * jitter, outcome.retry_after or 0.0)
-            next_try = now + delay
-        groups.setdefault((state, reply, next_try), []).append(delivery.id)
-        if outcome.suppress:
-            store.suppress(delivery.email, reply)
-            store.set_status(delivery.email, "bounced", f"send {reply}")
-    for (state, reply, next_try), ids in groups.items():
-        store.mark_many(ids, state, reply, next_try=next_try)
-        summary.this_run[state] += len(ids)
-        progress.advance(state, len(ids))
+    def record(self, deliveries: list[Delivery], outcomes: list[Outcome]) -> None:
+        """Write a batch's outcomes as outcome.decide says: rows with the same result
+        share one UPDATE. One jitter for the batch: its deferred rows fall due together and
+        go out again as one batch (for Resend, under the same Idempotency-Key)."""
+        settings, store = self.settings, self.store
+        groups: dict[tuple, list[int]] = {}
+        suppress: list[tuple[str, str]] = []
+        stops: list[str] = []
+        now, jitter = time.time(), random.uniform(0.9, 1.1)
+        for delivery, outcome in zip(deliveries, outcomes, strict=True):
+            decision = decide(outcome, delivery.attempts + 1, settings.max_attempts, settings.retry_delay, now,
+                              jitter)
+            fault = None if decision.state == SENT else outcome.fault
+            groups.setdefault((decision.state, decision.reply, decision.next_try, fault), []).append(delivery.id)
+            if decision.suppress:
+                suppress.append((delivery.email, decision.reply))
+            if decision.stop:
+                stops.append(decision.stop)
+        with store.transaction(len(deliveries) > 1 or bool(suppress)):
+            for (state, reply, next_try, fault), ids in groups.items():
+                store.mark_many(ids, state, reply, next_try=next_try, fault=fault)
+                if state in self.summary.this_run:  # not the rows a refusal put back to pending
+                    self.summary.this_run[state] += len(ids)
+                    self.progress.advance(state, len(ids))
+            for email, reply in suppress:
+                store.suppress(email, reply)
+                store.set_status(email, "bounced", f"send {reply}")
+        if stops:
+            self.refuse(stops[0])
+        elif why := self.breaker.observe(outcomes):
+            self.refuse(why)
 
 
 # -- test sends and dry runs --------------------------------------------------------------------
@@ -359,7 +406,16 @@ def _dry_run(store: Store, factory, signer, to_csv, issue: str, summary: SendSum
     return summary
 
 
-def status_of(config: Config, issue: str) -> tuple[dict[str, int], list[tuple], list[tuple]]:
+@dataclass
+class Status:
+    destinations: dict[str, dict[str, int]]  # each destination's counts by state
+    sent_via: dict[str, int]  # deliveries sent, by backend
+    problems: list[tuple]  # (email, state, reply, attempts, fault) of deliveries
+    in_flight: list[tuple]  # (email, updated_at) left `sending` by a run that is running or died
+
+
+def status_of(config: Config, issue: str) -> Status:
     stem = Path(issue).stem if issue.endswith((".yaml", ".yml")) else issue
     with Store(config.store.path) as store:
-        return store.counts(stem), store.problems(stem), store.in_flight(stem)
+        return Status(store.destinations(stem), store.sent_via(stem), store.problems(stem),
+                      store.in_flight(stem))

@@ -2,12 +2,16 @@
 
     subscribers   one row per address: name, merge fields, status and when/how it changed
     suppressions  addresses never to send to (hard bounces, complaints, manual blocks)
-    deliveries    the ledger: one row per (issue, address) and its state
+    deliveries    the ledger: one row per (issue, destination, address) and its state
+    sends         one row per (issue, destination): what the send began with
 
-Ledger states:  pending -> sending -> sent | deferred | failed ; pending -> skipped
+Destinations: `outbox` for proofs, `mail` for every real backend; a proof never counts as
+a delivery (outcome.destination). Ledger states (outcome.py says what puts a row in each):
+pending -> sending -> sent | deferred | failed | uncertain ; pending -> skipped.
 A row becomes `sending` (committed) just before its message goes out, and `sent` only
 after the server's 250 to DATA. WAL mode with synchronous=NORMAL: a commit survives the
-process being killed, which is the failure this ledger is built for.
+process being killed, which is the failure this ledger is built for. The schema's
+version is SQLite's user_version; older stores are upgraded when opened.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
 from .errors import StoreError
+from .outcome import DELIVERY, PROOF, RECIPIENT, STATES
 from .recipients import Recipient
 
 STATUSES = ("subscribed", "unsubscribed", "bounced", "complained")
-STATES = ("pending", "sending", "sent", "deferred", "failed", "skipped")
+SCHEMA_VERSION = 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS subscribers (
@@ -45,29 +50,34 @@ CREATE TABLE IF NOT EXISTS suppressions (
 CREATE TABLE IF NOT EXISTS deliveries (
     id          INTEGER PRIMARY KEY,
     issue       TEXT NOT NULL,
+    destination TEXT NOT NULL DEFAULT 'mail' CHECK (destination IN ('mail', 'outbox')),
     email       TEXT NOT NULL COLLATE NOCASE,
     name        TEXT,
     fields      TEXT,
     rkey        TEXT NOT NULL,
     state       TEXT NOT NULL DEFAULT 'pending'
-                CHECK (state IN ('pending', 'sending', 'sent', 'deferred', 'failed', 'skipped')),
+                CHECK (state IN ('pending', 'sending', 'sent', 'deferred', 'failed', 'skipped', 'uncertain')),
+    fault       TEXT,               -- who was at fault for anything but sent (outcome.FAULTS)
+    via         TEXT,               -- the backend that last tried it
     attempts    INTEGER NOT NULL DEFAULT 0,
     reply       TEXT,
     next_try    REAL NOT NULL DEFAULT 0,
     updated_at  TEXT NOT NULL,
-    UNIQUE (issue, email)
+    UNIQUE (issue, destination, email)
 );
--- Sends read an issue's rows in id order: (issue, id) finds the next batch at once, and
--- no send writes to it. No index on state: every row is written twice per send, and such
--- an index would double the pages each write touches.
-CREATE INDEX IF NOT EXISTS deliveries_by_issue ON deliveries (issue, id);
-CREATE TABLE IF NOT EXISTS sends (
-    issue       TEXT PRIMARY KEY,
-    digest      TEXT NOT NULL,      -- of the rendered email: what this send is sending
-    started_at  TEXT NOT NULL
-);
-DROP INDEX IF EXISTS deliveries_by_state;
+-- Sends read an issue's rows in id order: (issue, destination, id) finds the next batch at
+-- once, and no send writes to it. No index on state: every row is written twice per send,
+-- and such an index would double the pages each write touches.
+CREATE INDEX IF NOT EXISTS deliveries_by_send ON deliveries (issue, destination, id);
 CREATE INDEX IF NOT EXISTS deliveries_by_rkey ON deliveries (rkey);
+CREATE TABLE IF NOT EXISTS sends (
+    issue       TEXT NOT NULL,
+    destination TEXT NOT NULL DEFAULT 'mail',
+    digest      TEXT NOT NULL,      -- of the rendered email: what this send is sending
+    source      TEXT,               -- the issue file it was read from
+    started_at  TEXT NOT NULL,
+    PRIMARY KEY (issue, destination)
+);
 """
 
 
@@ -92,9 +102,40 @@ class Store:
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
+            self._upgrade()
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"{self.path}: cannot open the store: {exc}") from exc
+
+    def _upgrade(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: made by a newer newsletter (schema {version}; this one knows "
+                             f"{SCHEMA_VERSION}): upgrade newsletter to use it")
+        if version == SCHEMA_VERSION:
+            return
+        with self.transaction():
+            old = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone()
+            if old:
+                # Version 0 kept one ledger for proofs and deliveries alike: tell them apart
+                # by the outbox's reply, and rebuild the tables with their new keys.
+                for table in ("deliveries", "sends"):
+                    self.db.execute(f"ALTER TABLE {table} RENAME TO {table}_v0")
+                self.db.execute("DROP INDEX IF EXISTS deliveries_by_issue")
+                self.db.execute("DROP INDEX IF EXISTS deliveries_by_rkey")
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self.db.execute(statement)  # not executescript: it would commit half-way
+            if old:
+                self.db.execute(
+                    "INSERT INTO deliveries (id, issue, destination, email, name, fields, rkey, state, attempts,"
+                    " reply, next_try, updated_at) SELECT id, issue, CASE WHEN reply LIKE 'written to %'"
+                    " THEN 'outbox' ELSE 'mail' END, email, name, fields, rkey, state, attempts, reply, next_try,"
+                    " updated_at FROM deliveries_v0")
+                self.db.execute("INSERT INTO sends (issue, destination, digest, started_at)"
+                                " SELECT issue, 'mail', digest, started_at FROM sends_v0")
+                self.db.execute("DROP TABLE deliveries_v0")
+                self.db.execute("DROP TABLE sends_v0")
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.db.close()
@@ -163,23 +204,62 @@ class Store:
     def count_subscribers(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT status, count(*) FROM subscribers GROUP BY status"))
 
-    # -- the ledger ----------------------------------------------------------------------------
+    def restore(self, emails: Iterable[str] = (), reply: str | None = None, since: str | None = None,
+                until: str | None = None, apply: bool = True) -> list[tuple[str, str, str]]:
+        """Lift suppressions that a refusal which was not the reader's put in place: by
+        address, by words of the reply, by time (ISO, UTC). Bounced subscribers among them
+        are subscribed again (never the unsubscribed or complained), and their failed rows
+        in the ledger go back to pending. Returns (email, reason, when) for each."""
+        where, args = [], []
+        emails = list(emails)
+        if emails:
+            where.append(f"email IN ({','.join('?' * len(emails))})")
+            args += emails
+        if reply:
+            where.append("instr(lower(reason), lower(?)) > 0")
+            args.append(reply)
+        if since:
+            where.append("created_at >= ?")
+            args.append(since)
+        if until:
+            where.append("created_at <= ?")
+            args.append(until)
+        if not where:
+            raise StoreError("restore: name addresses, --reply or --since/--until; it never lifts every suppression")
+        found = self.db.execute(f"SELECT email, reason, created_at FROM suppressions WHERE {' AND '.join(where)}"
+                                " ORDER BY created_at, email", args).fetchall()
+        if not apply:
+            return found
+        with self.transaction():
+            for email, _reason, _when in found:
+                self.db.execute("DELETE FROM suppressions WHERE email = ?", (email,))
+                self.db.execute("UPDATE subscribers SET status = 'subscribed', changed_at = ?, changed_how = ?"
+                                " WHERE email = ? AND status = 'bounced'", (now_iso(), "restore", email))
+                self.db.execute("UPDATE deliveries SET state = 'pending', fault = NULL, attempts = 0,"
+                                " reply = 'restored: ' || coalesce(reply, ''), updated_at = ?"
+                                " WHERE email = ? AND state = 'failed' AND fault = ?", (now_iso(), email, RECIPIENT))
+        return found
 
-    def enqueue_subscribers(self, issue: str, key_of) -> int:
+    # -- the ledger ----------------------------------------------------------------------------
+    # Every method takes the issue and the destination (outcome.PROOF or DELIVERY).
+
+    def enqueue_subscribers(self, issue: str, key_of, dest: str = DELIVERY) -> int:
         """Add every current subscriber who has no row for this issue yet, as pending."""
         self.db.create_function("rkey", 1, key_of, deterministic=True)
         with self.transaction():
             cur = self.db.execute(
-                "INSERT OR IGNORE INTO deliveries (issue, email, name, fields, rkey, updated_at)"
-                " SELECT ?1, s.email, s.name, s.fields, rkey(s.email), ?2 FROM subscribers s"
+                "INSERT OR IGNORE INTO deliveries (issue, destination, email, name, fields, rkey, updated_at)"
+                " SELECT ?1, ?3, s.email, s.name, s.fields, rkey(s.email), ?2 FROM subscribers s"
                 " WHERE s.status = 'subscribed'"
                 " AND NOT EXISTS (SELECT 1 FROM suppressions x WHERE x.email = s.email)"
                 # before rkey(): a resumed send of a million would otherwise sign them all again
-                " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.issue = ?1 AND d.email = s.email)",
-                (issue, now_iso()))
+                " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.issue = ?1 AND d.destination = ?3"
+                " AND d.email = s.email)",
+                (issue, now_iso(), dest))
         return cur.rowcount
 
-    def enqueue(self, issue: str, recipients: Iterable[Recipient], key_of, chunk: int = 5000) -> int:
+    def enqueue(self, issue: str, recipients: Iterable[Recipient], key_of, chunk: int = 5000,
+                dest: str = DELIVERY) -> int:
         added = 0
         rows = []
         stamp = now_iso()
@@ -188,15 +268,15 @@ class Store:
             nonlocal added
             with self.transaction():
                 cur = self.db.executemany(
-                    "INSERT OR IGNORE INTO deliveries (issue, email, name, fields, rkey, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    "INSERT OR IGNORE INTO deliveries (issue, destination, email, name, fields, rkey, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 added += cur.rowcount
             rows.clear()
 
         for r in recipients:
             if r.status != "subscribed":
                 continue  # a list that says they left is honoured
-            rows.append((issue, r.email, r.name, json.dumps(r.fields, sort_keys=True) if r.fields else None,
+            rows.append((issue, dest, r.email, r.name, json.dumps(r.fields, sort_keys=True) if r.fields else None,
                          key_of(r.email), stamp))
             if len(rows) >= chunk:
                 flush()
@@ -204,13 +284,15 @@ class Store:
             flush()
         return added
 
-    def due(self, issue: str, batch_size: int, after_id: int = 0, now: float | None = None) -> list[Delivery]:
+    def due(self, issue: str, batch_size: int, after_id: int = 0, now: float | None = None,
+            dest: str = DELIVERY) -> list[Delivery]:
         """The next batch of rows to send (pending, or deferred and due), by id."""
         now = time.time() if now is None else now
         rows = self.db.execute(
             "SELECT id, email, name, fields, rkey, attempts FROM deliveries"
-            " WHERE issue = ? AND id > ? AND (state = 'pending' OR (state = 'deferred' AND next_try <= ?))"
-            " ORDER BY id LIMIT ?", (issue, after_id, now, batch_size)).fetchall()
+            " WHERE issue = ? AND destination = ? AND id > ?"
+            " AND (state = 'pending' OR (state = 'deferred' AND next_try <= ?))"
+            " ORDER BY id LIMIT ?", (issue, dest, after_id, now, batch_size)).fetchall()
         return [Delivery(i, e, n, json.loads(f) if f else {}, k, a) for i, e, n, f, k, a in rows]
 
     def blocked(self, emails: list[str]) -> set[str]:
@@ -225,17 +307,17 @@ class Store:
             found.update(e.lower() for (e,) in rows)
         return found
 
-    def next_retry(self, issue: str) -> float | None:
-        row = self.db.execute("SELECT min(next_try) FROM deliveries WHERE issue = ? AND state = 'deferred'",
-                              (issue,)).fetchone()
+    def next_retry(self, issue: str, dest: str = DELIVERY) -> float | None:
+        row = self.db.execute("SELECT min(next_try) FROM deliveries WHERE issue = ? AND destination = ?"
+                              " AND state = 'deferred'", (issue, dest)).fetchone()
         return row[0]
 
     def mark(self, delivery_id: int, state: str, reply: str | None = None, next_try: float = 0,
-             count_attempt: bool = False) -> None:
-        self.mark_many([delivery_id], state, reply, next_try, count_attempt)
+             count_attempt: bool = False, fault: str | None = None, via: str | None = None) -> None:
+        self.mark_many([delivery_id], state, reply, next_try, count_attempt, fault, via)
 
     def mark_many(self, ids: list[int], state: str, reply: str | None = None, next_try: float = 0,
-                  count_attempt: bool = False) -> None:
+                  count_attempt: bool = False, fault: str | None = None, via: str | None = None) -> None:
         """Give these rows one state: a statement per 500 rows, not one per row, which
         was the biggest part of an API send's cost per message."""
         stamp, counted = now_iso(), 1 if count_attempt else 0
@@ -243,37 +325,69 @@ class Store:
             chunk = ids[start:start + 500]
             self.db.execute(
                 "UPDATE deliveries SET state = ?, reply = coalesce(?, reply), next_try = ?, updated_at = ?,"
+                " fault = ?, via = coalesce(?, via),"
                 f" attempts = attempts + ? WHERE id IN ({','.join('?' * len(chunk))})",
-                (state, reply, next_try, stamp, counted, *chunk))
+                (state, reply, next_try, stamp, fault, via, counted, *chunk))
 
-    def in_flight(self, issue: str) -> list[tuple[str, str | None]]:
-        return self.db.execute("SELECT email, updated_at FROM deliveries WHERE issue = ? AND state = 'sending'"
-                               " ORDER BY id", (issue,)).fetchall()
+    def in_flight(self, issue: str, dest: str = DELIVERY) -> list[tuple[str, str | None]]:
+        return self.db.execute("SELECT email, updated_at FROM deliveries WHERE issue = ? AND destination = ?"
+                               " AND state = 'sending' ORDER BY id", (issue, dest)).fetchall()
 
-    def requeue_in_flight(self, issue: str) -> int:
+    def settle_in_flight(self, issue: str, dest: str = DELIVERY) -> int:
+        """Rows left `sending` by a send that was killed: their message may have gone out.
+        A proof is written again; a delivery becomes uncertain, never resent by itself."""
+        if dest == PROOF:
+            state, reply = "pending", "interrupted while writing; written again"
+        else:
+            state, reply = "uncertain", "in flight when a send stopped: it may have been delivered"
         cur = self.db.execute(
-            "UPDATE deliveries SET state = 'pending', reply = 'interrupted while sending; sent again',"
-            " updated_at = ? WHERE issue = ? AND state = 'sending'", (now_iso(), issue))
+            "UPDATE deliveries SET state = ?, reply = ?, fault = 'server', updated_at = ?"
+            " WHERE issue = ? AND destination = ? AND state = 'sending'", (state, reply, now_iso(), issue, dest))
         return cur.rowcount
 
-    def send_digest(self, issue: str, digest: str, replace: bool = False) -> str:
-        """The digest this issue's send began with (recorded now if it is the first run)."""
-        self.db.execute("INSERT OR IGNORE INTO sends (issue, digest, started_at) VALUES (?, ?, ?)",
-                        (issue, digest, now_iso()))
-        if replace:
-            self.db.execute("UPDATE sends SET digest = ? WHERE issue = ?", (digest, issue))
-        return self.db.execute("SELECT digest FROM sends WHERE issue = ?", (issue,)).fetchone()[0]
+    def requeue(self, issue: str, dest: str, state: str, reply_prefix: str) -> int:
+        """Put rows back to pending: `uncertain` ones (--resend-uncertain), or `failed` ones
+        whose failure was not the recipient's own (--retry-failed)."""
+        assert state in ("uncertain", "failed")
+        theirs = " AND fault IS NOT 'recipient'" if state == "failed" else ""
+        cur = self.db.execute(
+            "UPDATE deliveries SET state = 'pending', attempts = 0, reply = ? || coalesce(reply, ''),"
+            f" updated_at = ? WHERE issue = ? AND destination = ? AND state = ?{theirs}",
+            (reply_prefix, now_iso(), issue, dest, state))
+        return cur.rowcount
 
-    def counts(self, issue: str) -> dict[str, int]:
-        found = dict(self.db.execute("SELECT state, count(*) FROM deliveries WHERE issue = ? GROUP BY state",
-                                     (issue,)))
+    def send_digest(self, issue: str, digest: str, source: str, replace: bool = False,
+                    dest: str = DELIVERY) -> tuple[str, str | None]:
+        """The digest and source file this send began with (recorded now if it is the first run)."""
+        self.db.execute("INSERT OR IGNORE INTO sends (issue, destination, digest, source, started_at)"
+                        " VALUES (?, ?, ?, ?, ?)", (issue, dest, digest, source, now_iso()))
+        if replace:
+            self.db.execute("UPDATE sends SET digest = ?, source = ? WHERE issue = ? AND destination = ?",
+                            (digest, source, issue, dest))
+        return self.db.execute("SELECT digest, source FROM sends WHERE issue = ? AND destination = ?",
+                               (issue, dest)).fetchone()
+
+    def counts(self, issue: str, dest: str = DELIVERY) -> dict[str, int]:
+        found = dict(self.db.execute("SELECT state, count(*) FROM deliveries WHERE issue = ? AND destination = ?"
+                                     " GROUP BY state", (issue, dest)))
         return {state: found.get(state, 0) for state in STATES}
 
-    def problems(self, issue: str, limit: int = 50) -> list[tuple[str, str, str, int]]:
+    def destinations(self, issue: str) -> dict[str, dict[str, int]]:
+        """Each destination's counts for this issue, and for deliveries, each backend's sent."""
+        found: dict[str, dict[str, int]] = {}
+        for dest, in self.db.execute("SELECT DISTINCT destination FROM deliveries WHERE issue = ?", (issue,)):
+            found[dest] = self.counts(issue, dest)
+        return found
+
+    def sent_via(self, issue: str, dest: str = DELIVERY) -> dict[str, int]:
+        return dict(self.db.execute("SELECT coalesce(via, '?'), count(*) FROM deliveries WHERE issue = ?"
+                                    " AND destination = ? AND state = 'sent' GROUP BY via", (issue, dest)))
+
+    def problems(self, issue: str, limit: int = 50, dest: str = DELIVERY) -> list[tuple[str, str, str, int, str]]:
         return self.db.execute(
-            "SELECT email, state, coalesce(reply, ''), attempts FROM deliveries"
-            " WHERE issue = ? AND state IN ('failed', 'deferred') ORDER BY state, email LIMIT ?",
-            (issue, limit)).fetchall()
+            "SELECT email, state, coalesce(reply, ''), attempts, coalesce(fault, '') FROM deliveries"
+            " WHERE issue = ? AND destination = ? AND state IN ('failed', 'deferred', 'uncertain')"
+            " ORDER BY state, email LIMIT ?", (issue, dest, limit)).fetchall()
 
 
 class _Transaction:

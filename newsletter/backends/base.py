@@ -1,4 +1,4 @@
-"""What every backend provides, and the one place replies become ledger outcomes.
+"""What every backend provides.
 
 A backend opens ``connections`` workers; each worker is handed ``batch_size`` messages
 at a time (one for SMTP; a provider's batch for the HTTP APIs) and answers with an
@@ -9,34 +9,11 @@ refused API key), which stops the whole run with every unsent row still pending.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 from ..message import Message
+from ..outcome import DEFERRED, FAILED, SENT, UNCERTAIN, Outcome
 
-SENT, DEFERRED, FAILED = "sent", "deferred", "failed"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    state: str  # sent, deferred or failed
-    reply: str  # the server's words, for the ledger and `status`
-    suppress: bool = False  # the address does not exist: never send to it again
-    retry_after: float | None = None  # deferred: not before this many seconds (a provider's word)
-
-
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
-
-
-def smtp_outcome(code: int, text: str) -> Outcome:
-    """2xx sent; 4xx deferred (try later); 5xx failed, never retried; 5.1.x suppressed."""
-    reply = f"{code} {text}".strip()
-    if 200 <= code < 300:
-        return Outcome(SENT, reply)
-    if 400 <= code < 500:
-        return Outcome(DEFERRED, reply)
-    enhanced = _ENHANCED.match(text)
-    return Outcome(FAILED, reply, suppress=bool(enhanced and enhanced.group(1) == "5" and enhanced.group(2) == "1"))
+# The states and Outcome live with the policy that reads them (outcome.py).
+__all__ = ["SENT", "DEFERRED", "FAILED", "UNCERTAIN", "Outcome", "Worker", "Backend"]
 
 
 class Worker:

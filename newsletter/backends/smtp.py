@@ -8,10 +8,10 @@ Security: ``starttls`` (default) refuses to go on if the server does not offer S
 certificates are verified unless ``verify_tls = false``; the password comes only from
 NEWSLETTER_SMTP_PASSWORD and is never sent over an unencrypted connection.
 
-Replies: 2xx sent; 4xx deferred; 5xx failed (5.1.x suppresses the address). 421 or a
-dropped connection before the content went out: the message is tried once more on a new
-connection. A drop after the content went out but before the reply: deferred, since
-without 250 the server has not taken responsibility for it.
+Replies are judged by outcome.smtp_outcome, by the command they answer. 421 or a dropped
+connection before the content went out: the message is tried once more on a new
+connection. A drop after the content went out but before the reply: uncertain, since the
+server may have taken it; it is never resent by itself.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from ..config import Smtp
 from ..errors import SendError
 from ..message import Message
-from .base import DEFERRED, SENT, Backend, Outcome, Worker, smtp_outcome
+from ..outcome import DATA, MAIL, RCPT, smtp_outcome, uncertain, unreachable
+from .base import SENT, Backend, Outcome, Worker
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
@@ -213,12 +214,12 @@ class SmtpConnection:
                 replies.append(await self.command(line))
                 if replies[-1].code >= 400:
                     break
-        refused = next((r for r in replies if r.code >= 400 and r.code != 354), None)
+        refused = next((i for i, r in enumerate(replies) if r.code >= 400 and r.code != 354), None)
         if refused is not None:
             if replies[-1].code == 354:  # a server that said yes to DATA anyway: end it empty
                 await self.command(".")
             await self.reset()
-            return smtp_outcome(refused.code, refused.text)
+            return smtp_outcome(replies[refused].code, replies[refused].text, (MAIL, RCPT, DATA)[refused])
         # Dot-stuffing: a line that starts with "." gets another one. Our own messages
         # have none (quoted-printable writes =2E), so this is a scan, not a copy.
         data = message.data
@@ -231,7 +232,7 @@ class SmtpConnection:
             reply = await self.read_reply()
         except ConnectionLost as exc:
             raise ConnectionLost(exc.reply, content_sent=True) from exc
-        return smtp_outcome(reply.code, reply.text)
+        return smtp_outcome(reply.code, reply.text, DATA)
 
     async def reset(self) -> None:
         await self.command("RSET")
@@ -266,10 +267,10 @@ class SmtpWorker(Worker):
             except ConnectionLost as exc:
                 self.conn.abort()
                 self.conn = None
-                if exc.content_sent:
-                    return Outcome(DEFERRED, f"{exc.reply} (after the message was sent, before the reply)")
+                if exc.content_sent:  # it may have been delivered: never resent by itself
+                    return uncertain(f"{exc.reply} (after the message was sent, before the reply)")
                 if attempt == 2:
-                    return Outcome(DEFERRED, exc.reply)
+                    return unreachable(exc.reply)
         raise AssertionError("unreachable")
 
     async def _reconnect(self) -> None:

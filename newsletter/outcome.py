@@ -1,0 +1,218 @@
+"""Whose fault a refusal is, and what it does: the ledger's states and the one outcome policy.
+
+Every answer a send gets (an SMTP reply, a provider's HTTP answer, a connection that
+fails) becomes an ``Outcome`` here or in a backend using the helpers here, and ``decide``
+turns an Outcome into what happens to the ledger row, the recipient and the run. The rule:
+
+    who is at fault     what happens
+    ------------------  -----------------------------------------------------------------
+    nobody (accepted)   the row is sent
+    the recipient       permanent: failed; the address is suppressed and the subscriber
+                        bounced only for "this mailbox does not exist" (5.1.1, 5.1.2,
+                        5.1.3, 5.1.6, 5.1.10, 5.2.1, a provider's inactive recipient).
+                        temporary (mailbox full, greylisting): deferred, retried later
+    the message         content refused (5.6.x, 5.7.x at DATA, too big): the run stops at
+                        once; the row goes back to pending, as does everyone not yet tried
+    the sender/account  (5.1.7, 5.1.8, relay denied, 530 5.7.0, 5.7.8, 554 at the
+                        greeting, any refusal at MAIL FROM, a refused API key, SES's
+                        MessageRejected): the run stops at once, the row back to pending
+    the server          temporary (4xx, a dropped connection before the message went out):
+                        deferred with backoff; permanent and unexplained (a 5xx that names
+                        no one): failed, never suppressed, `send --retry-failed` retries it
+    nobody knows        the message may have been delivered (a drop after it went out, an
+                        API timeout or 5xx without an idempotency key, a kill mid-send):
+                        uncertain; never resent by itself, `send --resend-uncertain` does
+
+A proof (the outbox, ``--test``) is never a delivery: see ``destination``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# -- the ledger's states -----------------------------------------------------------------------
+
+PENDING, SENDING, SENT, DEFERRED, FAILED, SKIPPED, UNCERTAIN = (
+    "pending", "sending", "sent", "deferred", "failed", "skipped", "uncertain")
+STATES = (PENDING, SENDING, SENT, DEFERRED, FAILED, SKIPPED, UNCERTAIN)
+
+# -- who is at fault ---------------------------------------------------------------------------
+
+RECIPIENT, MESSAGE, SENDER, SERVER = "recipient", "message", "sender", "server"
+FAULTS = (RECIPIENT, MESSAGE, SENDER, SERVER)
+STOPS_THE_RUN = (MESSAGE, SENDER)  # would fail everyone alike: never burn through the list
+
+# -- where a message goes ----------------------------------------------------------------------
+
+PROOF, DELIVERY = "outbox", "mail"  # ledger destinations: a proof never counts as a delivery
+
+
+def destination(backend_name: str) -> str:
+    return PROOF if backend_name == "outbox" else DELIVERY
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str  # sent, deferred, failed or uncertain: what the server's answer says
+    reply: str  # the server's words, for the ledger and `status`
+    fault: str | None = None  # who is at fault for anything but sent
+    suppress: bool = False  # this address does not exist: never send to it again
+    retry_after: float | None = None  # deferred: not before this many seconds (a provider's word)
+    code: str = ""  # what the refusal was ("550 5.1.1", "Postmark 406"): the breaker compares these
+
+    @property
+    def stops_run(self) -> bool:
+        return self.state != SENT and self.fault in STOPS_THE_RUN
+
+
+def accepted(reply: str) -> Outcome:
+    return Outcome(SENT, reply)
+
+
+def uncertain(reply: str) -> Outcome:
+    return Outcome(UNCERTAIN, reply, SERVER, code="uncertain")
+
+
+def unreachable(reply: str) -> Outcome:
+    """The server could not be reached or dropped us before the message went out."""
+    return Outcome(DEFERRED, reply, SERVER, code="unreachable")
+
+
+# -- SMTP: by command and enhanced status code (RFC 3463, 5248, 7372, 7505) ---------------------
+
+GREETING, EHLO, AUTH, MAIL, RCPT, DATA = "greeting", "ehlo", "auth", "mail", "rcpt", "data"
+
+# subject.detail of X.subject.detail
+_NO_SUCH_MAILBOX = {"1.1", "1.2", "1.3", "1.6", "1.10", "2.1"}  # bad mailbox or domain, disabled
+_RECIPIENT_PASSING = {"2.2", "2.0"}  # mailbox full or busy: the reader's, but it passes
+_SENDER = {"1.7", "1.8", "7.0", "7.8", "7.9", "7.11", "7.13", "7.14", "7.20", "7.21", "7.22", "7.23",
+           "7.24", "7.25", "7.26", "7.27", "5.1", "5.2", "5.3", "5.4", "5.5", "5.6"}
+# 5.5.x is a protocol error: our client, i.e. the sending side
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+_RELAY_OR_BLOCK = re.compile(r"relay|client host|blocked|block ?list|black ?list|spamhaus|reputation|"
+                             r"not permitted to send|authentication required", re.I)
+_UNKNOWN_USER = re.compile(r"user unknown|unknown user|no such (user|mailbox|recipient)|does not exist|"
+                           r"mailbox (unavailable|not found)|recipient (address )?rejected: user unknown|"
+                           r"invalid recipient|address rejected", re.I)
+
+
+def enhanced_code(text: str) -> str | None:
+    """"5.1.1" from a reply text that starts with one."""
+    found = _ENHANCED.match(text)
+    return found.group(0) if found else None
+
+
+def smtp_outcome(code: int, text: str, stage: str = RCPT) -> Outcome:
+    """What an SMTP reply to `stage` means. 2xx sent; otherwise who is at fault decides."""
+    reply = f"{code} {text}".strip()
+    if 200 <= code < 400:
+        return accepted(reply)
+    enhanced = enhanced_code(text)
+    detail = enhanced.split(".", 1)[1] if enhanced else ""
+    key = f"{code} {enhanced}" if enhanced else str(code)
+    temporary = code < 500 or (enhanced or "").startswith("4.")
+    fault = _fault(code, detail, text, stage, temporary)
+    if temporary:
+        return Outcome(DEFERRED, reply, fault, code=key)
+    if fault == RECIPIENT and detail in _RECIPIENT_PASSING:
+        return Outcome(FAILED, reply, RECIPIENT, code=key)
+    return Outcome(FAILED, reply, fault, suppress=fault == RECIPIENT, code=key)
+
+
+def _fault(code: int, detail: str, text: str, stage: str, temporary: bool) -> str:
+    if detail in _SENDER or code == 530:
+        return SENDER
+    if stage in (GREETING, EHLO, AUTH):
+        return SERVER if temporary else SENDER  # 421 at the greeting passes; 554 means us
+    if stage == MAIL:
+        return SERVER if temporary else SENDER  # the sender refused, whatever the code says
+    if stage == DATA:
+        if temporary:
+            return SERVER
+        return MESSAGE  # the content (5.6.x, 5.7.x, 5.3.4, 552): the same for every reader
+    # RCPT
+    if detail in _NO_SUCH_MAILBOX or detail in _RECIPIENT_PASSING:
+        return RECIPIENT
+    if _RELAY_OR_BLOCK.search(text):
+        return SENDER  # "Relay access denied", "Client host rejected": it is us, not them
+    if not detail and code in (550, 551, 553) and _UNKNOWN_USER.search(text):
+        return RECIPIENT  # an old server without enhanced codes, saying the mailbox is unknown
+    return SERVER  # a refusal that names no one: never suppresses; the breaker watches for repeats
+
+
+# -- the policy --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Decision:
+    state: str  # what the ledger row becomes
+    reply: str
+    next_try: float = 0.0  # for deferred rows: when (epoch seconds)
+    suppress: bool = False  # suppress the address and mark the subscriber bounced
+    stop: str | None = None  # why the run must stop now, in words that say what to fix
+
+
+def decide(outcome: Outcome, attempts: int, max_attempts: int, retry_delay: float, now: float,
+           jitter: float = 1.0) -> Decision:
+    """The one place an Outcome becomes a ledger state, a suppression, or a stop.
+    `attempts` counts this one."""
+    if outcome.stops_run:
+        return Decision(PENDING, outcome.reply, stop=advice(outcome))
+    if outcome.state == DEFERRED:
+        if attempts >= max_attempts:
+            return Decision(FAILED, f"gave up after {attempts} attempts; last reply: {outcome.reply}")
+        delay = max(retry_delay * (2 ** (attempts - 1)) * jitter, outcome.retry_after or 0.0)
+        return Decision(DEFERRED, outcome.reply, next_try=now + delay)
+    return Decision(outcome.state, outcome.reply, suppress=outcome.suppress)
+
+
+def advice(outcome: Outcome) -> str:
+    """Why the run stopped, and what to fix, for a refusal that is not the recipient's."""
+    reply = outcome.reply
+    if outcome.fault == MESSAGE:
+        return (f"the server refused the message itself ({reply}); every reader would get the same answer. "
+                "Change the issue (its content or size) and run send again: nobody has been marked failed")
+    detail = (enhanced_code(reply.split(" ", 1)[-1]) or "").split(".", 1)[-1]
+    if detail in ("1.7", "1.8") or "sender" in reply.lower():
+        what = "the sender address was refused: check [sender] address (its domain must exist and be allowed " \
+               "to send through this server or provider)"
+    elif detail in ("7.0", "7.8", "7.9", "7.11") or reply.startswith("530"):
+        what = "the server wants a (different) login: check [smtp] username and NEWSLETTER_SMTP_PASSWORD"
+    elif "relay" in reply.lower():
+        what = "the server will not relay for us: log in (smtp.username) or send through your own relay"
+    else:
+        what = "the sending account or this machine was refused"
+    return f"{what} ({reply}). Nobody has been marked failed; run send again once it is fixed"
+
+
+class Breaker:
+    """Stops a run when the same refusal comes back for `limit` recipients in a row: a
+    server saying the same thing to everyone is about the server or us, not the readers."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.code: str | None = None
+        self.count = 0
+
+    def observe(self, outcomes: list[Outcome]) -> str | None:
+        """A batch's outcomes, in order. One answer for a whole API request counts once."""
+        if not self.limit or not outcomes:
+            return None
+        if len(outcomes) > 1 and all(o is outcomes[0] for o in outcomes):
+            outcomes = outcomes[:1]
+        for outcome in outcomes:
+            if outcome.state not in (FAILED, UNCERTAIN) or not outcome.code:
+                self.code, self.count = None, 0
+            elif outcome.code == self.code:
+                self.count += 1
+            else:
+                self.code, self.count = outcome.code, 1
+            if self.count >= self.limit:
+                return self._why(outcome)
+        return None
+
+    def _why(self, outcome: Outcome) -> str:
+        return (f"the same answer came back for {self.count} recipients (or requests) in a row ({outcome.reply}); "
+                "this looks like the server or the sending account, not the readers, so the run stopped. "
+                "Check with `newsletter status`; put back anyone suppressed by it with "
+                f"`newsletter subscribers restore --reply '{self.code}'`, then `newsletter send --retry-failed`")
