@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from urllib.parse import urlsplit
 
 WEB_SCHEMES = ("http", "https")
@@ -78,3 +79,20 @@ def suggest(key: str, known) -> str:
     """'; did you mean X?' for a near miss, else the list of what is allowed."""
     close = difflib.get_close_matches(key.lower(), list(known), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else "; expected one of " + ", ".join(known)
+
+
+def slugify(text: str, max_len: int = 60) -> str:
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return slug[:max_len].rstrip("-") or "issue"
+
+
+_ISSUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def issue_name_problem(stem: str) -> str | None:
+    """An issue's file name becomes a URL path, a Message-ID part, a folder and a ledger key."""
+    if _ISSUE_NAME.fullmatch(stem) and not stem.endswith("."):
+        return None
+    return (f"the file name {stem!r} cannot name the issue's web page, Message-ID and folder: use ASCII letters, "
+            f"digits, '-', '_' and '.', not first, at most 100; for example {slugify(stem, 100)}")

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import yaml
 
 from . import markdown
-from .checks import WEB_SCHEMES, control_char_problem, is_plain_http, one_line_problem, suggest, url_problem
+from .checks import (WEB_SCHEMES, control_char_problem, is_plain_http, issue_name_problem, one_line_problem, suggest,
+                     url_problem)
 from .errors import ERROR, WARNING, IssueError, Problem
 from .model import Commentary, Image, Issue, Lead, Link, Markdown, Quote
 
@@ -371,6 +372,8 @@ def load_issue(path: str | Path) -> CheckResult:
     """Read and check one issue file; never raises for anything the file holds."""
     path = str(path)
     ctx = _Context(path)
+    if problem := issue_name_problem(Path(path).stem):
+        ctx.report((0, 0), "", problem)
     root = _compose(path, ctx)
     issue = None
     if root is not None:

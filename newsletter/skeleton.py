@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import unicodedata
 from pathlib import Path
 
+from .checks import slugify
 from .config import Config
 from .errors import OutputError
 from .render import Renderer
 
 SKELETON_TEMPLATE = "skeleton.yaml"
-
-
-def slugify(text: str, max_len: int = 60) -> str:
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
-    return slug[:max_len].rstrip("-") or "issue"
 
 
 def next_number(folder: Path) -> int | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 USER, PASSWORD = "sender", "correct horse battery staple"
 
@@ -47,6 +47,10 @@ class Handler:
     delay: float = 0.0  # seconds to wait before answering DATA, to make sends slow enough to kill
     # recipient -> replies to give to RCPT, one per attempt ("drop" closes the connection in DATA)
     script: dict[str, list[str]] = field(default_factory=dict)
+    # a reply for every MAIL FROM, every RCPT TO, or every message's DATA, instead of 250
+    refuse_mail: str | None = None
+    refuse_rcpt: str | None = None
+    refuse_data: str | None = None
     received: list[Received] = field(default_factory=list)
     attempts: Counter = field(default_factory=Counter)
     sessions: set = field(default_factory=set)
@@ -67,9 +71,16 @@ class Handler:
             responses.insert(len(responses) - 1, "250-PIPELINING")
         return responses
 
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.refuse_mail:
+            return self.refuse_mail
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         self.attempts[address] += 1
-        reply = self._next(address)
+        reply = self._next(address) or self.refuse_rcpt
         if reply == "drop":
             session.drop_in_data = True
         elif reply:
@@ -86,6 +97,8 @@ class Handler:
             return "250 never seen"
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.refuse_data:
+            return self.refuse_data
         with self.lock:
             for rcpt in envelope.rcpt_tos:
                 self.received.append(Received(rcpt, envelope.original_content, id(session)))
@@ -93,10 +106,30 @@ class Handler:
         return f"250 2.0.0 Ok: queued as {n}"
 
 
-class Server:
-    """Start with `with Server(handler, tls=(cert, key)) as server:`; server.port."""
+class _RefusingController(Controller):
+    """A server that answers the greeting with a refusal and hangs up."""
 
-    def __init__(self, handler: Handler, tls: tuple[Path, Path] | None = None, auth: bool = True):
+    def __init__(self, *args, greeting: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.greeting = greeting
+
+    def factory(self):
+        greeting = self.greeting
+
+        class Refusing(SMTP):
+            async def _handle_client(self):
+                await self.push(greeting)
+                self.transport.close()
+
+        return Refusing(self.handler, **self.SMTP_kwargs)
+
+
+class Server:
+    """Start with `with Server(handler, tls=(cert, key)) as server:`; server.port.
+    `greeting="554 ..."` makes one that refuses every client at once."""
+
+    def __init__(self, handler: Handler, tls: tuple[Path, Path] | None = None, auth: bool = True,
+                 greeting: str | None = None):
         self.handler = handler
         self.port = free_port()
         kwargs = {}
@@ -106,8 +139,11 @@ class Server:
             kwargs.update(tls_context=context, require_starttls=True)
         if auth:
             kwargs.update(authenticator=_authenticate, auth_required=True, auth_require_tls=bool(tls))
-        self.controller = Controller(handler, hostname="127.0.0.1", port=self.port, server_hostname="localhost",
-                                     data_size_limit=10_000_000, **kwargs)
+        if greeting:
+            kwargs["greeting"] = greeting
+        self.controller = (_RefusingController if greeting else Controller)(
+            handler, hostname="127.0.0.1", port=self.port, server_hostname="localhost",
+            data_size_limit=10_000_000, **kwargs)
 
     def __enter__(self):
         self.controller.start()

@@ -5,7 +5,7 @@ import datetime as dt
 
 import pytest
 
-from conftest import EXAMPLE, MINIMAL
+from conftest import EXAMPLE, MINIMAL, run_cli
 from newsletter.errors import IssueError
 from newsletter.reader import load_issue, parse_date, read_issue
 
@@ -313,3 +313,25 @@ def test_parse_date_helper():
     assert parse_date("June 24, 2021") == (dt.date(2021, 6, 24), None)
     assert parse_date("2021-6-24")[0] == dt.date(2021, 6, 24)
     assert parse_date("June 31, 2021")[0] is None
+
+
+@pytest.mark.parametrize("name", ["my issue.yaml", "café-news.yaml", ".hidden.yaml", "-dash.yaml", "a%2F.yaml"])
+def test_a_file_name_that_cannot_name_the_issue_is_refused_with_a_suggestion(tmp_path, name):
+    from newsletter.reader import load_issue
+
+    path = tmp_path / name
+    path.write_text(MINIMAL, encoding="utf-8")
+    result = load_issue(path)
+    assert result.issue is None
+    [problem] = result.errors
+    assert problem.path == str(path) and "cannot name the issue's web page, Message-ID and folder" in str(problem)
+    suggestion = str(problem).rsplit("for example ", 1)[1]
+    from newsletter.checks import issue_name_problem
+    assert issue_name_problem(suggestion) is None
+
+
+def test_the_cli_check_names_the_bad_file_name(tmp_path):
+    path = tmp_path / "Weekly news №3.yaml"
+    path.write_text(MINIMAL, encoding="utf-8")
+    run = run_cli("check", path)
+    assert run.returncode == 1 and "for example weekly-news-no3" in run.stderr
