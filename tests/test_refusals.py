@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from conftest import EXAMPLE, addresses, config_for, run_cli, subscribe
-from newsletter.errors import SendError
+from newsletter.errors import SendError, StoreError
 from newsletter.sender import send_issue
 from newsletter.store import Store
 from smtp_server import Handler, Server, make_certificate
@@ -215,3 +215,25 @@ def test_a_store_from_before_destinations_is_upgraded_in_place(tmp_path):
         assert store.db.execute("PRAGMA user_version").fetchone()[0] == 1
     with Store(path) as store:  # opening it again changes nothing
         assert store.counts("b")["sent"] == 1
+
+
+def test_two_issue_files_of_the_same_name_never_share_a_ledger(tmp_path):
+    config = config_for(settings_env(tmp_path, 1, send_backend="outbox"))
+    subscribe(config, addresses(3))
+    first = tmp_path / "a" / EXAMPLE.name
+    other = tmp_path / "b" / EXAMPLE.name
+    for path in (first, other):
+        path.parent.mkdir()
+        path.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
+    other.write_text(other.read_text(encoding="utf-8").replace("One thing is certain", "Another issue"),
+                     encoding="utf-8")
+    assert send_issue(first, config).counts["sent"] == 3
+    with pytest.raises(StoreError, match=f"another issue file named {EXAMPLE.stem} .* has already been sent"):
+        send_issue(other, config)
+    # The same issue moved to another folder is the same send: it resumes, sending nobody twice.
+    moved = tmp_path / "c" / EXAMPLE.name
+    moved.parent.mkdir()
+    first.rename(moved)
+    subscribe(config, ["late@example.com"])
+    summary = send_issue(moved, config)
+    assert summary.this_run["sent"] == 1 and summary.counts["sent"] == 4
