@@ -121,15 +121,15 @@ def smtp_outcome(code: int, text: str, stage: str = RCPT) -> Outcome:
 
 
 def _fault(code: int, detail: str, text: str, stage: str, temporary: bool) -> str:
+    if temporary:  # it may pass: only a sender that is wrong for now stops the run
+        if detail in ("1.7", "1.8"):
+            return SENDER
+        return RECIPIENT if stage == RCPT and detail in _RECIPIENT_PASSING else SERVER
     if detail in _SENDER or code == 530:
         return SENDER
-    if stage in (GREETING, EHLO, AUTH):
-        return SERVER if temporary else SENDER  # 421 at the greeting passes; 554 means us
-    if stage == MAIL:
-        return SERVER if temporary else SENDER  # the sender refused, whatever the code says
+    if stage in (GREETING, EHLO, AUTH, MAIL):
+        return SENDER  # 554 at the greeting, a refused HELO name, login or sender: it is us
     if stage == DATA:
-        if temporary:
-            return SERVER
         return MESSAGE  # the content (5.6.x, 5.7.x, 5.3.4, 552): the same for every reader
     # RCPT
     if detail in _NO_SUCH_MAILBOX or detail in _RECIPIENT_PASSING:
