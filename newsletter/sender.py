@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import random
 import secrets
@@ -260,7 +261,8 @@ async def _one_pass(store, issue, factory, workers, batch_size, settings, summar
                     summary.this_run["skipped"] += 1
                     progress.advance("skipped")
                     continue
-                pending.append((delivery, factory.build(delivery.email, delivery.name, delivery.rkey)))
+                pending.append((delivery, factory.build(delivery.email, delivery.name, delivery.rkey,
+                                                        fields=delivery.fields)))
                 if len(pending) == batch_size:
                     await queue.put(pending)
                     pending = []
@@ -338,7 +340,8 @@ def _dry_run(store: Store, factory, signer, to_csv, issue: str, summary: SendSum
         summary.csv = CsvReport()
         recipients: Iterator[Recipient] = read_csv(to_csv, summary.csv)
     else:
-        recipients = (Recipient(email, name) for email, name, *_ in store.subscribers("subscribed"))
+        recipients = (Recipient(email, name, json.loads(fields) if fields else {})
+                      for email, name, fields, *_ in store.subscribers("subscribed"))
     batch: list[Recipient] = []
 
     def flush():
@@ -347,7 +350,7 @@ def _dry_run(store: Store, factory, signer, to_csv, issue: str, summary: SendSum
             if r.email.lower() in blocked or r.status != "subscribed":
                 summary.this_run["skipped"] += 1
                 continue
-            summary.bytes += len(factory.build(r.email, r.name, signer.recipient_key(r.email)).data)
+            summary.bytes += len(factory.build(r.email, r.name, signer.recipient_key(r.email), fields=r.fields).data)
             summary.built += 1
         batch.clear()
 
