@@ -131,8 +131,8 @@ class Renderer:
 
     def render(self, issue: Issue) -> Rendered:
         table = MergeTable()
-        ctx = self.context(issue, table)
         subject = table.fill(issue.subject, str)
+        ctx = self.context(issue, table)
         text_ctx = ctx
         if subject != issue.subject:  # merge fields: the templates see placeholders
             text_ctx = {**ctx, "issue": dataclasses.replace(issue, subject=subject)}
