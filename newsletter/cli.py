@@ -322,30 +322,38 @@ def run_subscribers_import(args) -> int:
 
     report = CsvReport()
     results: dict[str, int] = {}
+    suppressions = 0
     with _store(args) as store, store.transaction():
         for recipient in read_csv(args.csv, report):
-            result = store.add(recipient, f"import {args.csv.name}")
-            results[result] = results.get(result, 0) + 1
+            if recipient.status:  # else the row is a suppression only
+                result = store.add(recipient, f"import {args.csv.name}")
+                results[result] = results.get(result, 0) + 1
+            if recipient.suppressed:  # after adding: the store adds no suppressed address
+                store.suppress(recipient.email, recipient.suppressed, recipient.suppressed_at)
+                suppressions += 1
     _print_csv_report(report, args.csv)
     kept = {"unsubscribed": "left unsubscribed", "bounced": "left bounced", "complained": "left as complained",
             "suppressed": "suppressed, not added"}
     parts = [f"{results.get('added', 0)} added", f"{results.get('updated', 0)} already subscribed"]
     parts += [f"{n} {kept[k]}" for k, n in sorted(results.items()) if k in kept]
+    if suppressions:
+        parts.append(f"{suppressions} suppression{'s' * (suppressions != 1)} kept")
     parts.append(f"{len(report.invalid)} invalid")
     print(f"{args.csv}: {report.read} row(s): " + ", ".join(parts))
     return EXIT_INVALID if report.invalid else EXIT_OK
 
 
 def run_subscribers_export(args) -> int:
-    import csv
+    from .errors import OutputError
+    from .recipients import write_csv
 
-    out = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
     try:
-        writer = csv.writer(out)
-        writer.writerow(["email", "name", "status", "changed_at", "changed_how"])
+        out = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
+    except OSError as exc:
+        raise OutputError(f"{args.out}: cannot write it: {exc.strerror or exc}") from exc
+    try:
         with _store(args) as store:
-            for email, name, _fields, status, changed_at, how in store.subscribers():
-                writer.writerow([email, name or "", status, changed_at, how])
+            write_csv(out, store)
     finally:
         if args.out:
             out.close()

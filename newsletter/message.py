@@ -2,7 +2,8 @@
 
 Everything that is the same for every recipient (headers, both bodies, already
 quoted-printable encoded) is prepared once in ``MessageFactory``; ``build`` only encodes
-the few values that differ (To, Message-ID, Date, the unsubscribe URL) and joins bytes.
+the few values that differ (To, Message-ID, Date, the unsubscribe URL, merge fields and,
+if it has merge fields, the Subject) and joins bytes.
 Building with the ``email`` package costs about 2 ms a message; this costs a few µs.
 
 The message: multipart/alternative, text/plain then text/html, both UTF-8 and
@@ -23,6 +24,7 @@ from functools import cached_property
 from email.header import Header
 from email.utils import format_datetime, formataddr
 
+from . import merge
 from .checks import one_line_problem
 from .config import Config, Dkim
 from .errors import ConfigError
@@ -74,9 +76,9 @@ def _soft_break_at_end(encoded: bytes) -> bytes:
     return encoded[:start] + _split_qp_line(encoded[start:], QP_LINE - 1) + SOFT_BREAK
 
 
-def _header(name: str, value: str) -> bytes:
+def _header(name: str, value: str, encode: bool = False) -> bytes:
     """One header line: non-ASCII values RFC 2047-encoded, long ones folded at spaces."""
-    if not value.isascii():
+    if encode or not value.isascii():
         value = Header(value, "utf-8", header_name=name, maxlinelen=76).encode(linesep="\r\n")
         return f"{name}: {value}".encode("ascii") + CRLF
     return _fold(f"{name}: {value}").encode("ascii") + CRLF
@@ -125,23 +127,55 @@ def _address(name: str | None, address: str) -> str:
     return f"{_encoded_words(name, 'To')} <{address}>"
 
 
+class _Holes:
+    """The placeholders of one issue and their slots in a message's `values`: the
+    unsubscribe URL first, then each merge field by number."""
+
+    def __init__(self, merge_count: int):
+        self.placeholders = [UNSUBSCRIBE] + [merge.PLACEHOLDER % i for i in range(merge_count)]
+        self.slot = {p: i for i, p in enumerate(self.placeholders)}
+        self.pattern = re.compile("(" + "|".join(map(re.escape, self.placeholders)) + ")")
+
+    def split(self, text: str) -> tuple[list[str], list[int]]:
+        """The text around the holes, and each hole's slot."""
+        found = self.pattern.split(text)
+        return found[::2], [self.slot[p] for p in found[1::2]]
+
+    def sub(self, text: str, values, escape: bool = False) -> str:
+        if escape:
+            return self.pattern.sub(lambda m: html.escape(values[self.slot[m[0]]], quote=True), text)
+        return self.pattern.sub(lambda m: values[self.slot[m[0]]], text)
+
+
 class _SplicedBody:
     """A body encoded once, with holes where per-recipient values go."""
 
-    def __init__(self, text: str, escape_values: bool):
-        pieces = text.split(UNSUBSCRIBE)
+    def __init__(self, text: str, escape_values: bool, holes: _Holes):
+        pieces, self.slots = holes.split(text)
         self.pieces = [self._close_line(_qp(p)) for p in pieces[:-1]] + [_qp(pieces[-1])]
         self.escape = escape_values
+        self.one_slot = len(set(self.slots)) <= 1  # the common case: the unsubscribe URL alone
 
     @staticmethod
     def _close_line(encoded: bytes) -> bytes:
         return encoded if encoded.endswith(CRLF) or not encoded else _soft_break_at_end(encoded)
 
-    def fill(self, unsubscribe_url: str) -> bytes:
+    def _encode(self, value: str) -> bytes:
+        return _soft_break_at_end(_qp(html.escape(value, quote=True) if self.escape else value))
+
+    def fill(self, values) -> bytes:
+        """`values` by slot (see _Holes)."""
         if len(self.pieces) == 1:
             return self.pieces[0]
-        value = html.escape(unsubscribe_url, quote=True) if self.escape else unsubscribe_url
-        return _soft_break_at_end(_qp(value)).join(self.pieces)
+        if self.one_slot:
+            return self._encode(values[self.slots[0]]).join(self.pieces)
+        encoded: dict[int, bytes] = {}
+        parts = [self.pieces[0]]
+        for slot, piece in zip(self.slots, self.pieces[1:]):
+            if slot not in encoded:
+                encoded[slot] = self._encode(values[slot])
+            parts += (encoded[slot], piece)
+        return b"".join(parts)
 
 
 class _JsonBody:
@@ -149,18 +183,20 @@ class _JsonBody:
     values: Postmark and Resend take every message's whole HTML, and json.dumps and
     encoding 40 KB per message would cost more than everything else."""
 
-    def __init__(self, text: str, escape_values: bool):
-        self.pieces = [json.dumps(piece, ensure_ascii=False)[1:-1].encode("utf-8")
-                       for piece in text.split(UNSUBSCRIBE)]
+    def __init__(self, text: str, escape_values: bool, holes: _Holes):
+        pieces, self.slots = holes.split(text)
+        self.pieces = [json.dumps(piece, ensure_ascii=False)[1:-1].encode("utf-8") for piece in pieces]
         self.escape = escape_values
 
-    def fill(self, unsubscribe_url: str) -> list[bytes]:
+    def fill(self, values) -> list[bytes]:
         """The pieces and the values between them, for the request's one join."""
-        value = html.escape(unsubscribe_url, quote=True) if self.escape else unsubscribe_url
-        encoded = json.dumps(value, ensure_ascii=False)[1:-1].encode("utf-8")
+        encoded: dict[int, bytes] = {}
         parts = [self.pieces[0]]
-        for piece in self.pieces[1:]:
-            parts += (encoded, piece)
+        for slot, piece in zip(self.slots, self.pieces[1:]):
+            if slot not in encoded:
+                value = html.escape(values[slot], quote=True) if self.escape else values[slot]
+                encoded[slot] = json.dumps(value, ensure_ascii=False)[1:-1].encode("utf-8")
+            parts += (encoded[slot], piece)
         return parts
 
 
@@ -169,7 +205,7 @@ class Message:
     RFC 5322 bytes (SMTP, outbox, SES) or the parts (the HTTP APIs that take fields)."""
 
     def __init__(self, factory: "MessageFactory", recipient: str, name: str | None, rkey: str,
-                 now: dt.datetime | None = None):
+                 now: dt.datetime | None = None, fields: dict | None = None):
         self.factory = factory
         self.sender = factory.envelope_sender  # envelope MAIL FROM
         self.recipient = recipient  # envelope RCPT TO
@@ -184,6 +220,16 @@ class Message:
             entries.append(f"<mailto:{factory.unsubscribe_mailto}?subject=unsubscribe%20{token}>")
         self.list_unsubscribe = ", ".join(entries)  # never encoded: RFC 8058 readers need it literal
         self._now = now
+        # What goes into the holes, by slot: the unsubscribe URL, then each merge field's
+        # value (one line, see merge.clean) or its fallback.
+        self.values = (self.unsubscribe_url, *factory.merge_values(recipient, name, fields)) if factory.merges \
+            else (self.unsubscribe_url,)
+
+    @property
+    def subject(self) -> str:
+        """This recipient's subject, plain UTF-8 (merge fields filled in)."""
+        f = self.factory
+        return f.holes.sub(f.subject, self.values) if f.subject_merged else f.subject
 
     @property
     def to(self) -> str:
@@ -196,21 +242,26 @@ class Message:
         return display_address(self.name, self.recipient)
 
     @property
+    def merge_values(self) -> tuple[str, ...]:
+        """Each merge field's value for this recipient, by number (Rendered.merges)."""
+        return self.values[1:]
+
+    @property
     def html(self) -> str:
-        return self.factory.rendered.html.replace(UNSUBSCRIBE, html.escape(self.unsubscribe_url, quote=True))
+        return self.factory.holes.sub(self.factory.rendered.html, self.values, escape=True)
 
     @property
     def text(self) -> str:
-        return self.factory.rendered.text.replace(UNSUBSCRIBE, self.unsubscribe_url)
+        return self.factory.holes.sub(self.factory.rendered.text, self.values)
 
     @property
     def html_json(self) -> list[bytes]:
         """`html` as the inside of a JSON string, UTF-8, in pieces to be joined (see _JsonBody)."""
-        return self.factory.json_bodies[1].fill(self.unsubscribe_url)
+        return self.factory.json_bodies[1].fill(self.values)
 
     @property
     def text_json(self) -> list[bytes]:
-        return self.factory.json_bodies[0].fill(self.unsubscribe_url)
+        return self.factory.json_bodies[0].fill(self.values)
 
     def headers(self) -> dict[str, str]:
         """The headers a provider API is given besides From, To, Subject and Reply-To."""
@@ -228,11 +279,13 @@ class Message:
             _header("To", self.to),
             b"Date: ", format_datetime(now).encode("ascii"), CRLF,
             b"Message-ID: ", self.message_id.encode("ascii"), CRLF,
+            # "=?" in a merged value would read as an encoded word: encode the whole subject then
+            _header("Subject", subject, "=?" in subject) if f.subject_merged and (subject := self.subject) else b"",
             f.common_headers,
             b"List-Unsubscribe: ", self.list_unsubscribe.replace(", ", ",\r\n ").encode("ascii"), CRLF,
             b"\r\nThis is a multipart message in MIME format.\r\n",
-            f.text_start, f.text.fill(self.unsubscribe_url),
-            f.html_start, f.html.fill(self.unsubscribe_url),
+            f.text_start, f.text.fill(self.values),
+            f.html_start, f.html.fill(self.values),
             f.end,
         ))
         return f.dkim.sign(data) if f.dkim else data
@@ -259,6 +312,10 @@ class MessageFactory:
         self.boundary = f"=_nl_{digest[:32]}"  # "=_" never occurs in quoted-printable text
         self.test_send = test_send
         self.subject = ("[TEST] " if test_send else "") + rendered.subject
+        self.holes = _Holes(len(rendered.merges))
+        # (field as written, lower-cased, fallback) for each merge field, by number
+        self.merges = [(field, field.lower(), merge.clean(fallback)) for field, fallback in rendered.merges]
+        self.subject_merged = any(p in self.subject for p in self.holes.placeholders[1:])
         self.from_address = _address(sender.name, sender.address)
         self.display_from = display_address(sender.name, sender.address)
         self.sender_name = sender.name
@@ -268,7 +325,7 @@ class MessageFactory:
         head = [
             _header("From", self.from_address),
             _header("Reply-To", sender.reply_to) if sender.reply_to else b"",
-            _header("Subject", self.subject),
+            b"" if self.subject_merged else _header("Subject", self.subject),  # else per recipient
             b"MIME-Version: 1.0\r\n",
             _header("List-Id", self.list_id),
             b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
@@ -280,16 +337,27 @@ class MessageFactory:
         self.text_start = b"\r\n--" + b + b"\r\n" + part_head % b"plain"
         self.html_start = b"\r\n--" + b + b"\r\n" + part_head % b"html"
         self.end = b"\r\n--" + b + b"--\r\n"
-        self.text = _SplicedBody(rendered.text, escape_values=False)
-        self.html = _SplicedBody(rendered.html, escape_values=True)
+        self.text = _SplicedBody(rendered.text, False, self.holes)
+        self.html = _SplicedBody(rendered.html, True, self.holes)
 
     @cached_property
     def json_bodies(self) -> tuple[_JsonBody, _JsonBody]:
         """(text, html) for the JSON APIs; made on first use, once per issue."""
-        return _JsonBody(self.rendered.text, False), _JsonBody(self.rendered.html, True)
+        return _JsonBody(self.rendered.text, False, self.holes), _JsonBody(self.rendered.html, True, self.holes)
 
-    def build(self, email: str, name: str | None, rkey: str, now: dt.datetime | None = None) -> Message:
-        return Message(self, email, name, rkey, now)
+    @cached_property
+    def fallback_subject(self) -> str:
+        """The subject with every merge field's fallback, as a proof without a subscriber shows it."""
+        return self.holes.sub(self.subject, ("", *(fallback for _, _, fallback in self.merges)))
+
+    def merge_values(self, email: str, name: str | None, fields: dict | None) -> list[str]:
+        return [merge.lookup(field, key, email, name, fields) or fallback for field, key, fallback in self.merges]
+
+    def build(self, email: str, name: str | None, rkey: str, now: dt.datetime | None = None,
+              fields: dict | None = None) -> Message:
+        """`fields`: the subscriber's merge fields (their CSV row's other columns); None for
+        a proof, which shows each field's fallback."""
+        return Message(self, email, name, rkey, now, fields)
 
 
 class _DkimSigner:

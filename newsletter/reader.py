@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import yaml
 
-from . import markdown
+from . import markdown, merge
 from .checks import (WEB_SCHEMES, control_char_problem, is_plain_http, issue_name_problem, one_line_problem, suggest,
                      url_problem)
 from .errors import ERROR, WARNING, IssueError, Problem
@@ -120,6 +120,19 @@ class Text(Field):
             ctx.report(node, field, f"is {len(value)} characters long; at most {self.max_len} are allowed")
             return INVALID
         return value
+
+
+class MergeText(Text):
+    """One line that may name subscriber fields: `Hi {{name|there}}` (see merge.py)."""
+
+    def load(self, node, ctx, field):
+        value = super().load(node, ctx, field)
+        if value is INVALID:
+            return INVALID
+        _, problems = merge.parse(value)
+        for problem in problems:
+            ctx.report(node, field, problem)
+        return INVALID if problems else value
 
 
 class MarkdownText(Text):
@@ -320,10 +333,10 @@ def _issue(**values: Any) -> dict[str, Any]:
 
 
 ISSUE_SCHEMA = Record(_issue, {
-    "subject": Text(required=True, max_len=SUBJECT_MAX, hint="the email's subject line"),
+    "subject": MergeText(required=True, max_len=SUBJECT_MAX, hint="the email's subject line"),
     "date": Date(required=True, hint="the issue's date"),
     "number": Int(min=1),
-    "preheader": Text(max_len=250),
+    "preheader": MergeText(max_len=250),
     "lead": Record(Lead, {
         "source": Text(required=True, hint="the publication, e.g. U.S. News"),
         "title": Text(required=True),

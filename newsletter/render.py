@@ -3,8 +3,9 @@
 The only Jinja environment lives here. ``templates/email.mjml`` becomes MJML, mjml-python
 compiles it, premailer inlines ``templates/email.css`` into the elements (every <style>
 block in the head stays as written, as MJML itself does); ``templates/email.txt`` gives the
-plain-text twin straight from the model. Per-recipient values stay as placeholders (``PLACEHOLDERS``) for
-the message step to splice in, so nothing here runs per recipient.
+plain-text twin straight from the model. Per-recipient values stay as placeholders (``PLACEHOLDERS``,
+and ``{{m:N}}`` for merge fields, see merge.py) for the message step to splice in, so
+nothing here runs per recipient.
 
 Parts of the email that make no sense on the web (the hidden preheader, "view in browser",
 the unsubscribe link) sit between ``<!--email-only-->`` and ``<!--/email-only-->``; the web
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import dataclasses
 import datetime as dt
 import importlib
 import json
@@ -28,9 +30,10 @@ from typing import Any
 
 import jinja2
 import mjml
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from . import markdown
+from .merge import MergeRef, MergeTable, Subscriber
 from .colors import palette
 from .config import Config
 from .errors import WARNING, Problem, TemplateError
@@ -50,18 +53,20 @@ SIZE_WARNING_BYTES = 90 * 1024
 
 _EMAIL_ONLY = re.compile(r"<!--email-only-->.*?<!--/email-only-->", re.S)
 _MARKERS = re.compile(r"<!--/?email-only-->")
+_MERGE_PLACEHOLDER = re.compile(r"\{\{m:(\d+)\}\}")
 
 
 @dataclass(frozen=True)
 class Rendered:
     issue: Issue
-    subject: str
+    subject: str  # with merge placeholders, if it has merge fields
     preheader: str
     web_url: str
     mjml: str
     html: str  # the email, with PLACEHOLDERS still in it
     web_html: str  # the page for the web archive
     text: str  # the plain-text part, with PLACEHOLDERS still in it
+    merges: tuple[tuple[str, str], ...] = ()  # (field, fallback) for each {{m:N}}, by N
 
     @property
     def html_bytes(self) -> int:
@@ -94,42 +99,65 @@ class Renderer:
             long_date=long_date,
             yaml=lambda value: json.dumps(str(value), ensure_ascii=False),  # a JSON string is valid YAML
         )
+        plain_default = self.env.filters["default"]
+
+        def default(value, default_value="", boolean=False):
+            # `subscriber.name | default("there")`: the fallback goes with the placeholder
+            if isinstance(value, MergeRef):
+                return MergeRef(value.table, value.field, str(default_value))
+            return plain_default(value, default_value, boolean)
+
+        self.env.filters.update(default=default, d=default)
         self._inliner = None
         self.colors = palette(config.design.accent_color)
 
     def web_url(self, issue: Issue) -> str:
         return f"{self.config.publication.base_url}/{issue.stem}/"
 
-    def context(self, issue: Issue) -> dict[str, Any]:
+    def context(self, issue: Issue, table: MergeTable | None = None) -> dict[str, Any]:
         cfg = self.config
+        table = table or MergeTable()
         return {
             "issue": issue,
+            "subscriber": Subscriber(table),
             "publication": cfg.publication,
             "sender": cfg.sender,
             "design": cfg.design,
             "colors": self.colors,
-            "preheader": issue.preheader or "",
+            "preheader": Markup(table.fill(issue.preheader or "", escape)),
             "web_url": self.web_url(issue),
             **PLACEHOLDERS,
         }
 
     def render(self, issue: Issue) -> Rendered:
-        ctx = self.context(issue)
+        table = MergeTable()
+        subject = table.fill(issue.subject, str)
+        ctx = self.context(issue, table)
+        text_ctx = ctx
+        if subject != issue.subject:  # merge fields: the templates see placeholders
+            text_ctx = {**ctx, "issue": dataclasses.replace(issue, subject=subject)}
+            ctx = {**ctx, "issue": dataclasses.replace(issue, subject=Markup(table.fill(issue.subject, escape)))}
         mjml_source = self.render_template(EMAIL_TEMPLATE, ctx)
         try:
             compiled = mjml.mjml2html(mjml_source, fonts={})
         except Exception as exc:  # mrml raises plain exceptions with its parser's message
             raise TemplateError(f"{EMAIL_TEMPLATE}: MJML could not be compiled: {exc}") from exc
         html = self._inline(compiled, self.render_template(INLINE_CSS_TEMPLATE, ctx))
+        text = self.render_template(TEXT_TEMPLATE, text_ctx)
+        for placeholder, field in table.printed.items():
+            if placeholder not in html and placeholder not in text:
+                raise TemplateError(f"subscriber.{field}: a filter other than default(...) was applied to it; its "
+                                    "value is known only when each message is made, so nothing else can change it")
         return Rendered(
             issue=issue,
-            subject=issue.subject,
-            preheader=ctx["preheader"],
+            subject=subject,
+            preheader=table.fill(issue.preheader or "", str),
             web_url=ctx["web_url"],
             mjml=mjml_source,
             html=_MARKERS.sub("", html),
-            web_html=_EMAIL_ONLY.sub("", html),
-            text=self.render_template(TEXT_TEMPLATE, ctx),
+            web_html=_with_fallbacks(_EMAIL_ONLY.sub("", html), table.merges),
+            text=text,
+            merges=table.merges,
         )
 
     def render_template(self, name: str, ctx: dict[str, Any]) -> str:
@@ -139,7 +167,7 @@ class Renderer:
             raise TemplateError(f"template {exc.name!r} not found in {self.config.design.templates}") from None
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"{exc.filename or name}:{exc.lineno}: template syntax error: {exc.message}") from None
-        except jinja2.UndefinedError as exc:
+        except jinja2.TemplateRuntimeError as exc:  # an undefined name; a merge field tested with `if`
             raise TemplateError(f"{name}:{_template_line(exc, name)}: {exc.message}") from None
 
     def _inline(self, html: str, css: str) -> str:
@@ -151,6 +179,14 @@ class Renderer:
         html = html.replace("<style", '<style data-premailer="ignore"')
         html = self._inliner(html, css).replace(' data-premailer="ignore"', "")
         return "<!DOCTYPE html>\n" + html
+
+
+def _with_fallbacks(html: str, merges: tuple[tuple[str, str], ...]) -> str:
+    """The web page has no subscriber: each merge field shows its fallback."""
+    if not merges:
+        return html
+    fallbacks = [str(escape(fallback)) for _, fallback in merges]
+    return _MERGE_PLACEHOLDER.sub(lambda m: fallbacks[int(m[1])] if int(m[1]) < len(merges) else m[0], html)
 
 
 def _bytecode_cache() -> jinja2.BytecodeCache | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import random
 import secrets
@@ -298,7 +299,8 @@ class _Run:
                         self.summary.this_run[SKIPPED] += 1
                         self.progress.advance(SKIPPED)
                         continue
-                    pending.append((delivery, self.factory.build(delivery.email, delivery.name, delivery.rkey)))
+                    pending.append((delivery, self.factory.build(delivery.email, delivery.name, delivery.rkey,
+                                                                 fields=delivery.fields)))
                     if len(pending) == batch_size:
                         await queue.put(pending)
                         pending = []
@@ -385,7 +387,8 @@ def _dry_run(store: Store, factory, signer, to_csv, issue: str, summary: SendSum
         summary.csv = CsvReport()
         recipients: Iterator[Recipient] = read_csv(to_csv, summary.csv)
     else:
-        recipients = (Recipient(email, name) for email, name, *_ in store.subscribers("subscribed"))
+        recipients = (Recipient(email, name, json.loads(fields) if fields else {})
+                      for email, name, fields, *_ in store.subscribers("subscribed"))
     batch: list[Recipient] = []
 
     def flush():
@@ -394,7 +397,7 @@ def _dry_run(store: Store, factory, signer, to_csv, issue: str, summary: SendSum
             if r.email.lower() in blocked or r.status != "subscribed":
                 summary.this_run["skipped"] += 1
                 continue
-            summary.bytes += len(factory.build(r.email, r.name, signer.recipient_key(r.email)).data)
+            summary.bytes += len(factory.build(r.email, r.name, signer.recipient_key(r.email), fields=r.fields).data)
             summary.built += 1
         batch.clear()
 

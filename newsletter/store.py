@@ -165,7 +165,8 @@ class Store:
             self.db.execute(
                 "INSERT INTO subscribers (email, name, fields, status, changed_at, changed_how)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (recipient.email, recipient.name, fields, recipient.status, now_iso(), how))
+                (recipient.email, recipient.name, fields, recipient.status, recipient.changed_at or now_iso(),
+                 recipient.changed_how or how))  # an export's own history is kept
             return "added" if recipient.status == "subscribed" else recipient.status
         if recipient.status != "subscribed":
             self.set_status(recipient.email, recipient.status, how)
@@ -186,9 +187,13 @@ class Store:
             (status, now_iso(), how, email, status))
         return cur.rowcount > 0
 
-    def suppress(self, email: str, reason: str) -> None:
+    def suppress(self, email: str, reason: str, at: str | None = None) -> None:
         self.db.execute("INSERT OR IGNORE INTO suppressions (email, reason, created_at) VALUES (?, ?, ?)",
-                        (email, reason, now_iso()))
+                        (email, reason, at or now_iso()))
+
+    def suppressions(self) -> Iterator[tuple[str, str, str]]:
+        """(email, reason, created_at), in address order."""
+        yield from self.db.execute("SELECT email, reason, created_at FROM suppressions ORDER BY email")
 
     def suppressed(self, email: str) -> bool:
         return self.db.execute("SELECT 1 FROM suppressions WHERE email = ?", (email,)).fetchone() is not None

@@ -25,6 +25,7 @@ from newsletter.render import PLACEHOLDERS
 from newsletter.tokens import Signer, TokenError
 
 PLACEHOLDER = PLACEHOLDERS["unsubscribe_url"]
+GREETING = "{{m:0}}"  # the example templates' one merge field: subscriber.name, or "there"
 ADA = "ada@example.com"
 SECRET = b"test-secret"
 AMP_URL = "https://x.example/u?list=a&t={token}"
@@ -218,9 +219,11 @@ def test_decoded_bodies_are_the_rendered_ones_with_the_url(example, config, sign
     if unsubscribe == "with-ampersand":
         assert "&" in url and "&amp;" not in url
     text_part, html_part = parse(data).iter_parts()
-    assert text_part.get_payload(decode=True) == canonical(rendered.text.replace(PLACEHOLDER, url))
-    assert html_part.get_payload(decode=True) == canonical(rendered.html.replace(PLACEHOLDER, html.escape(url)))
-    assert PLACEHOLDER.encode() not in data
+    assert text_part.get_payload(decode=True) == canonical(
+        rendered.text.replace(PLACEHOLDER, url).replace(GREETING, "Ada Lovelace"))
+    assert html_part.get_payload(decode=True) == canonical(
+        rendered.html.replace(PLACEHOLDER, html.escape(url)).replace(GREETING, "Ada Lovelace"))
+    assert PLACEHOLDER.encode() not in data and GREETING.encode() not in data
 
 
 def test_visible_unsubscribe_link_in_both_parts(example, config, signer):
@@ -251,8 +254,8 @@ def test_message_parts_agree_with_the_bytes(example, config, signer):
         data = msg.data
         url = unsubscribe_url(data)
         assert msg.unsubscribe_url == url
-        assert msg.text == example.text.replace(PLACEHOLDER, url)
-        assert msg.html == example.html.replace(PLACEHOLDER, html.escape(url))
+        assert msg.text == example.text.replace(PLACEHOLDER, url).replace(GREETING, "Zoë O'Brien")
+        assert msg.html == example.html.replace(PLACEHOLDER, html.escape(url)).replace(GREETING, "Zoë O&#x27;Brien")
         text_part, html_part = parse(data).iter_parts()
         assert text_part.get_payload(decode=True) == canonical(msg.text)
         assert html_part.get_payload(decode=True) == canonical(msg.html)

@@ -81,7 +81,7 @@ def test_a_refusal_that_is_not_the_readers_stops_the_run_and_harms_nobody(tmp_pa
 
 def test_a_refused_greeting_stops_the_run_and_harms_nobody(tmp_path, cert):
     everyone = addresses(5)
-    with Server(Handler(), greeting="554 5.7.1 Client host [127.0.0.1] blocked using a list") as server:
+    with Server(Handler(), auth=False, greeting="554 5.7.1 Client host [127.0.0.1] blocked using a list") as server:
         env = settings_env(tmp_path, server.port, cert)
         config = config_for(env)
         subscribe(config, everyone)

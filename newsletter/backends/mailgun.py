@@ -6,8 +6,10 @@ and the Messages API (form fields ``from``, ``to`` repeated, ``subject``, ``text
 ``html``, ``h:<Header>``, ``o:<option>``, ``recipient-variables``). Auth: HTTP Basic,
 user ``api``, password the key. ``base_url`` is https://api.mailgun.net, or
 https://api.eu.mailgun.net for an EU domain. ``%recipient.x%`` is replaced per recipient in
-the bodies and in ``h:`` headers, which carries each one's List-Unsubscribe and
-Message-Id. Answer: 200 ``{"id": ..., "message": "Queued. Thank you."}`` for the whole
+the bodies, the subject and ``h:`` headers, which carries each one's List-Unsubscribe,
+Message-Id and merge fields (``%recipient.m0t_<nonce>%``, raw for the text and the
+subject, ``m0h_<nonce>`` escaped for the HTML; a random nonce per issue, so that no
+subscriber's value can name another variable). Answer: 200 ``{"id": ..., "message": "Queued. Thank you."}`` for the whole
 batch; errors ``{"message": ...}``.
 """
 
@@ -29,7 +31,7 @@ from .http import STOP, ApiRequest, HttpBackend, json_body
 class Backend(HttpBackend):
     name = "mailgun"
     title = "Mailgun"
-    _shared: tuple[MessageFactory, "_Form"] | None = None
+    _shared: tuple[MessageFactory, "_Form", list[tuple[str, str]]] | None = None
 
     def auth(self) -> httpx.Auth:
         return httpx.BasicAuth("api", self.settings.api_key or "")
@@ -42,13 +44,16 @@ class Backend(HttpBackend):
     def build(self, messages: list[Message]) -> ApiRequest:
         domain = self.settings.extra["domain"]
         factory = messages[0].factory
+        form = self._form(factory)
+        names = self._shared[2]
         variables = {m.recipient: {
             "unsubscribe_text": m.unsubscribe_url,
             "unsubscribe_html": html.escape(m.unsubscribe_url, quote=True),
             "list_unsubscribe": m.list_unsubscribe,
             "message_id": m.message_id,
+            **{k: v for (t, h), value in zip(names, m.merge_values)
+               for k, v in ((t, value), (h, html.escape(value, quote=True)))},
         } for m in messages}
-        form = self._form(factory)
         body = form.encode([("to", m.display_to) for m in messages]
                            + [("recipient-variables", json.dumps(variables, separators=(",", ":")))])
         return ApiRequest("POST", f"/v3/{domain}/messages", content=body, headers={"Content-Type": form.content_type})
@@ -57,11 +62,20 @@ class Backend(HttpBackend):
         """The fields that every request of this issue shares, encoded once."""
         if self._shared is None or self._shared[0] is not factory:
             placeholder = PLACEHOLDERS["unsubscribe_url"]
+            subject = factory.subject
+            text = factory.rendered.text.replace(placeholder, "%recipient.unsubscribe_text%")
+            html_body = factory.rendered.html.replace(placeholder, "%recipient.unsubscribe_html%")
+            nonce = secrets.token_hex(4)
+            names = [(f"m{i}t_{nonce}", f"m{i}h_{nonce}") for i in range(len(factory.merges))]
+            for merge_placeholder, (t, h) in zip(factory.holes.placeholders[1:], names):
+                subject = subject.replace(merge_placeholder, f"%recipient.{t}%")
+                text = text.replace(merge_placeholder, f"%recipient.{t}%")
+                html_body = html_body.replace(merge_placeholder, f"%recipient.{h}%")
             fields = [
                 ("from", factory.display_from),
-                ("subject", factory.subject),
-                ("text", factory.rendered.text.replace(placeholder, "%recipient.unsubscribe_text%")),
-                ("html", factory.rendered.html.replace(placeholder, "%recipient.unsubscribe_html%")),
+                ("subject", subject),
+                ("text", text),
+                ("html", html_body),
                 ("h:List-Unsubscribe", "%recipient.list_unsubscribe%"),
                 ("h:List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
                 ("h:List-Id", factory.list_id),
@@ -70,7 +84,7 @@ class Backend(HttpBackend):
             ]
             if factory.reply_to:
                 fields.append(("h:Reply-To", factory.reply_to))
-            self._shared = (factory, _Form(fields))
+            self._shared = (factory, _Form(fields), names)
         return self._shared[1]
 
     def verdict(self, response: httpx.Response) -> str:

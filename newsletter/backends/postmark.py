@@ -38,7 +38,7 @@ class Backend(HttpBackend):
             fields = {
                 "From": factory.display_from,
                 "To": m.display_to,
-                "Subject": factory.subject,
+                "Subject": m.subject,
                 "Headers": [{"Name": k, "Value": v} for k, v in m.headers().items()],
                 "MessageStream": stream,
                 "TrackOpens": False,

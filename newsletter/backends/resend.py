@@ -35,7 +35,7 @@ class Backend(HttpBackend):
             fields = {
                 "from": factory.display_from,
                 "to": [m.display_to],
-                "subject": factory.subject,
+                "subject": m.subject,
                 "headers": m.headers(),
             }
             if factory.reply_to:

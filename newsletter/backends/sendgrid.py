@@ -5,7 +5,10 @@ limitations page (1,000 personalizations and 1,000 recipients a request, under 3
 Auth: ``Authorization: Bearer <key>``. The content is shared by the whole request, so the
 unsubscribe URL goes in as legacy substitution tags (``-unsub_text-``, ``-unsub_html-``:
 the HTML one escaped), and each personalization carries its own List-Unsubscribe and
-List-Unsubscribe-Post headers. Subscription and click tracking are turned off, or
+List-Unsubscribe-Post headers. Merge fields go in the same way (``-m0t_<nonce>-`` in the
+text, ``-m0h_<nonce>-`` in the HTML: a random nonce per issue, so that no subscriber's
+value can spell another tag), and a subject with merge fields as each personalization's
+own ``subject``. Subscription and click tracking are turned off, or
 SendGrid would add its own List-Unsubscribe and rewrite the links.
 Answer: 202 with an empty body for the whole request; no per-recipient results (bounces
 come later, by webhook). Errors: ``{"errors": [{"message": ..., "field": ...}]}``.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import html
 import json
+import secrets
 import time
 from json.encoder import encode_basestring as js  # a JSON string literal, in C
 
@@ -32,13 +36,14 @@ TEXT_TAG, HTML_TAG = "-unsub_text-", "-unsub_html-"
 class Backend(HttpBackend):
     name = "sendgrid"
     title = "SendGrid"
-    _shared: tuple[MessageFactory, str] | None = None
+    _shared: tuple[MessageFactory, str, list[tuple[str, str]]] | None = None
 
     def build(self, messages: list[Message]) -> ApiRequest:
         # The content, the same for the whole request, is JSON-encoded once per issue; each
         # personalization is written straight as JSON, a third of what json.dumps of dicts costs.
         shared = self._shared_json(messages[0].factory)
-        people = ",".join(_personalization(m) for m in messages)
+        tags = self._shared[2]
+        people = ",".join(_personalization(m, tags) for m in messages)
         return ApiRequest("POST", "/v3/mail/send", content=f'{{"personalizations":[{people}],{shared}'.encode("utf-8"),
                           headers={"Content-Type": "application/json"})
 
@@ -46,19 +51,27 @@ class Backend(HttpBackend):
         """The members after personalizations, without the opening brace."""
         if self._shared is None or self._shared[0] is not factory:
             placeholder = PLACEHOLDERS["unsubscribe_url"]
+            text = factory.rendered.text.replace(placeholder, TEXT_TAG)
+            html_body = factory.rendered.html.replace(placeholder, HTML_TAG)
+            nonce = secrets.token_hex(4)
+            tags = [(f"-m{i}t_{nonce}-", f"-m{i}h_{nonce}-") for i in range(len(factory.merges))]
+            for merge_placeholder, (text_tag, html_tag) in zip(factory.holes.placeholders[1:], tags):
+                text = text.replace(merge_placeholder, text_tag)
+                html_body = html_body.replace(merge_placeholder, html_tag)
             body = {
                 "from": {"email": factory.envelope_sender, "name": factory.sender_name},
-                "subject": factory.subject,
+                # with merge fields, each personalization has its own; this one is never seen
+                "subject": factory.fallback_subject,
                 "content": [
-                    {"type": "text/plain", "value": factory.rendered.text.replace(placeholder, TEXT_TAG)},
-                    {"type": "text/html", "value": factory.rendered.html.replace(placeholder, HTML_TAG)},
+                    {"type": "text/plain", "value": text},
+                    {"type": "text/html", "value": html_body},
                 ],
                 "tracking_settings": {"subscription_tracking": {"enable": False},
                                       "click_tracking": {"enable": False, "enable_text": False}},
             }
             if factory.reply_to:
                 body["reply_to"] = {"email": factory.reply_to}
-            self._shared = (factory, json.dumps(body, ensure_ascii=False, separators=(",", ":"))[1:])
+            self._shared = (factory, json.dumps(body, ensure_ascii=False, separators=(",", ":"))[1:], tags)
         return self._shared[1]
 
     def retry_after(self, response: httpx.Response) -> float | None:
@@ -77,14 +90,18 @@ class Backend(HttpBackend):
                 ] * len(messages)
 
 
-def _personalization(message: Message) -> str:
-    """{"to": [{"email", "name"}], "headers", "substitutions", "custom_args"} as JSON."""
+def _personalization(message: Message, tags: list[tuple[str, str]]) -> str:
+    """{"to": [{"email", "name"}], "headers", "substitutions", "custom_args"} (and "subject",
+    if it has merge fields) as JSON."""
     to = f'"email":{js(message.recipient)}'
     # SendGrid refuses , and ; in names; a name that is not one line is left out, as for every backend
     if message.name and not any(c in message.name for c in ",;") and not one_line_problem(message.name):
         to += f',"name":{js(message.name)}'
     headers = ",".join(f"{js(name)}:{js(value)}" for name, value in message.headers().items())
     url = message.unsubscribe_url
-    return (f'{{"to":[{{{to}}}],"headers":{{{headers}}},'
-            f'"substitutions":{{"{TEXT_TAG}":{js(url)},"{HTML_TAG}":{js(html.escape(url, quote=True))}}},'
+    merged = "".join(f',"{t}":{js(v)},"{h}":{js(html.escape(v, quote=True))}'
+                     for (t, h), v in zip(tags, message.merge_values))
+    subject = f'"subject":{js(message.subject)},' if message.factory.subject_merged else ""
+    return (f'{{"to":[{{{to}}}],{subject}"headers":{{{headers}}},'
+            f'"substitutions":{{"{TEXT_TAG}":{js(url)},"{HTML_TAG}":{js(html.escape(url, quote=True))}{merged}}},'
             f'"custom_args":{{"message_id":{js(message.message_id.strip("<>"))}}}}}')
