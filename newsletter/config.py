@@ -224,6 +224,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "connections": Int(default=4, min=1, max=64),
         "messages_per_connection": Int(default=100, min=1, max=1_000_000),
         "timeout": Seconds(default=30.0),
+        "give_up_after": Seconds(default=120.0, help="stop the run when no connection has got through (refused, "
+                                 "421, timed out) for this long; until then only the failing connection's "
+                                 "messages are deferred, and it retries with backoff"),
         "helo_name": Str(help="the name given in EHLO (default: this machine's name)"),
     },
     **{provider: _api_options(provider, url, batch, rate, extra) for provider, (url, batch, rate, extra) in {
@@ -309,6 +312,7 @@ class Smtp:
     connections: int = 4
     messages_per_connection: int = 100
     timeout: float = 30.0
+    give_up_after: float = 120.0
     helo_name: str | None = None
 
 
