@@ -181,7 +181,8 @@ class SmtpConnection:
         except ssl.SSLError as exc:
             raise SendError(f"{where}: TLS failed: {exc.reason or exc}") from exc
         except (OSError, asyncio.TimeoutError) as exc:
-            raise ServerUnreachable(f"{where}: cannot connect: {exc or 'timed out'}") from exc
+            why = "connection refused" if isinstance(exc, ConnectionRefusedError) else exc or "timed out"
+            raise ServerUnreachable(f"{where}: cannot connect: {why}") from exc
         conn = cls(reader, writer, settings.timeout)
         try:
             await conn._greet(settings, context, where)
