@@ -250,7 +250,9 @@ def run_send(args) -> int:
         return EXIT_FAILED
     if run["failed"] or (summary.counts and summary.counts["uncertain"]):
         return EXIT_INVALID  # failed for good, or waiting for a decision on uncertain messages
-    if run["deferred"] or (summary.counts and (summary.counts["deferred"] or summary.counts["pending"])):
+    # What waits for the next run, by the ledger: a message deferred and then sent in this run does not.
+    if (summary.counts and (summary.counts["deferred"] or summary.counts["pending"])) or \
+            (not summary.counts and run["deferred"]):
         return EXIT_DEFERRED
     return EXIT_OK
 

@@ -7,12 +7,14 @@ came from and collects every problem before raising one ConfigError.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from .checks import address_problem, one_line_problem, suggest, url_problem
 from .errors import ConfigError
@@ -47,7 +49,7 @@ class Str(Option):
 class HttpsUrl(Str):
     def validate(self, value):
         value = super().validate(value).rstrip("/")
-        if problem := url_problem(value):
+        if problem := url_problem(value, ("https",)):
             raise ValueError(problem)
         return value
 
@@ -143,18 +145,39 @@ class Secret(Str):
 
 
 class HttpUrl(Str):
-    """http or https (a local test server speaks http); used for API base URLs."""
+    """https, or plain http to loopback only (a local test server); used for API base URLs,
+    where plain http elsewhere would send the API key and every address in the clear."""
 
     def validate(self, value):
         value = super().validate(value).rstrip("/")
         if problem := url_problem(value):
             raise ValueError(problem)
+        if value[:5].lower() == "http:" and not _is_loopback_host(urlsplit(value).hostname):
+            raise ValueError(f"expected an https URL, got {value!r}: plain http would send the API key and "
+                             "every address in the clear (http is allowed only to a test server on loopback: "
+                             "127.0.0.1, ::1, localhost)")
         return value
 
 
+def _is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class UrlWithToken(HttpsUrl):
+    """https only: mailbox providers make the one-click POST only to https (RFC 8058 section 3)."""
+
     def validate(self, value):
-        value = super().validate(value.replace("{token}", "TOKEN") if isinstance(value, str) else value)
+        try:
+            value = super().validate(value.replace("{token}", "TOKEN") if isinstance(value, str) else value)
+        except ValueError as exc:  # echo the URL as it was written
+            raise ValueError(str(exc).replace("TOKEN", "{token}")) from None
         if "TOKEN" not in value:
             raise ValueError("must contain {token}, where each reader's unsubscribe token goes")
         return value.replace("TOKEN", "{token}")
@@ -224,6 +247,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "connections": Int(default=4, min=1, max=64),
         "messages_per_connection": Int(default=100, min=1, max=1_000_000),
         "timeout": Seconds(default=30.0),
+        "give_up_after": Seconds(default=120.0, help="stop the run when no connection has got through (refused, "
+                                 "421, timed out) for this long; until then only the failing connection's "
+                                 "messages are deferred, and it retries with backoff"),
         "helo_name": Str(help="the name given in EHLO (default: this machine's name)"),
     },
     **{provider: _api_options(provider, url, batch, rate, extra) for provider, (url, batch, rate, extra) in {
@@ -309,6 +335,7 @@ class Smtp:
     connections: int = 4
     messages_per_connection: int = 100
     timeout: float = 30.0
+    give_up_after: float = 120.0
     helo_name: str | None = None
 
 

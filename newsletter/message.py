@@ -361,10 +361,17 @@ class MessageFactory:
 
 
 class _DkimSigner:
+    """relaxed/relaxed: a relay that refolds a header or changes white space (many do) does
+    not break the signature. The headers a reader trusts are over-signed (RFC 6376 section
+    8.15): named once more than they occur, so nobody can add a second From or Subject."""
+
     # List-Unsubscribe and List-Unsubscribe-Post must be signed for one-click unsubscribe
     # to count (RFC 8058 section 4); dkimpy leaves them out unless asked.
     HEADERS = [b"from", b"to", b"subject", b"date", b"message-id", b"reply-to", b"mime-version",
                b"content-type", b"list-id", b"list-unsubscribe", b"list-unsubscribe-post"]
+    OVERSIGNED = {b"from", b"to", b"subject", b"date", b"message-id", b"reply-to", b"list-id",
+                  b"list-unsubscribe", b"list-unsubscribe-post"}
+    _NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.M)
 
     def __init__(self, settings: Dkim):
         import dkim  # only when signing: dkimpy is not needed otherwise
@@ -374,9 +381,18 @@ class _DkimSigner:
         self.domain = settings.domain.encode("ascii")
         self.key = settings.private_key.encode("ascii")
 
+    def include_headers(self, data: bytes) -> list[bytes]:
+        """Each header as often as it occurs (dkimpy signs the last n), the over-signed ones
+        once more: the extra name matches nothing at signing and any added copy at verifying."""
+        found = [n.lower() for n in self._NAME.findall(data[:data.find(b"\r\n\r\n") + 2])]
+        names = []
+        for name in self.HEADERS:
+            names += [name] * (found.count(name) + (name in self.OVERSIGNED))
+        return names
+
     def sign(self, data: bytes) -> bytes:
-        signature = self._sign(data, self.selector, self.domain, self.key, include_headers=self.HEADERS,
-                               linesep=b"\r\n")
+        signature = self._sign(data, self.selector, self.domain, self.key, canonicalize=(b"relaxed", b"relaxed"),
+                               include_headers=self.include_headers(data), linesep=b"\r\n")
         return signature + data
 
 

@@ -131,6 +131,7 @@ def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | No
     if test_addresses:
         # Test messages go to a folder of their own, never among the real send's files.
         backend = backend or get_backend(backend_name, config, f"{issue.stem}-test")
+        summary.warnings += backend.warnings()
         return _send_test(factory, signer, test_addresses, backend, summary, dry_run, progress)
 
     with Store(config.store.path) as store:
@@ -152,6 +153,7 @@ def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | No
                 store.enqueue_subscribers(issue.stem, signer.recipient_key, dest)
             backend = backend or get_backend(backend_name, config, issue.stem)
             summary.backend_detail = backend.describe()
+            summary.warnings += backend.warnings()
             try:
                 asyncio.run(_deliver(store, issue.stem, dest, factory, backend, config, summary, progress))
             finally:
@@ -264,7 +266,14 @@ class _Run:
                     pass
 
         async def deliver_from_queue(worker):
-            while (batch := await queue.get()) is not None:
+            while True:
+                if (pause := worker.pause()) and not stop.is_set():
+                    try:  # it could not connect: it waits, and takes no work meanwhile
+                        await asyncio.wait_for(stop.wait(), pause)
+                    except asyncio.TimeoutError:
+                        pass
+                if (batch := await queue.get()) is None:
+                    break
                 if stop.is_set():
                     continue  # still pending in the ledger: the next run sends it
                 ids = [delivery.id for delivery, _ in batch]

@@ -68,7 +68,7 @@ def test_every_problem_is_reported_by_key(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(path, environ={"NEWSLETTER_DESIGN_LOGO_WIDTH": "huge", "NEWSLETTER_SENDER_NAMME": "x"})
     messages = "\n".join(caught.value.messages)
-    assert f"{path}: publication.base_url: expected an absolute http(s) URL" in messages
+    assert f"{path}: publication.base_url: expected an absolute https URL" in messages
     assert f"{path}: publication.languag: unknown setting; did you mean 'language'?" in messages
     assert f"{path}: publication.postal_address: required setting is missing" in messages
     assert f"{path}: sender.address: expected an email address" in messages
@@ -107,3 +107,36 @@ def test_button_text_is_readable_on_any_accent():
             for b in grid:
                 accent = f"#{r:02x}{g:02x}{b:02x}"
                 assert contrast(palette(accent).on_accent, accent) >= 4.5, accent
+
+
+@pytest.mark.parametrize("url", ["http://test.example/u/{token}", "ftp://test.example/u/{token}"])
+def test_unsubscribe_url_must_be_https(tmp_path, url):
+    # RFC 8058: mailbox providers make the one-click POST only to an https URL.
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD), environ={"NEWSLETTER_PUBLICATION_UNSUBSCRIBE_URL": url})
+    assert f"NEWSLETTER_PUBLICATION_UNSUBSCRIBE_URL: expected an absolute https URL, got {url!r}" in str(caught.value)
+    good = load_config(write(tmp_path, GOOD), environ={
+        "NEWSLETTER_PUBLICATION_UNSUBSCRIBE_URL": "https://test.example/u/{token}"})
+    assert good.publication.unsubscribe_url == "https://test.example/u/{token}"
+
+
+@pytest.mark.parametrize("url", ["http://api.example.com", "http://10.0.0.5:8080", "http://127.0.0.1.example.com",
+                                 "http://[::2]:80"])
+def test_api_base_url_in_plain_http_only_to_loopback(tmp_path, url):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD), environ={"NEWSLETTER_POSTMARK_BASE_URL": url})
+    assert f"NEWSLETTER_POSTMARK_BASE_URL: expected an https URL, got {url!r}: plain http would send the API key" \
+        in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8025", "http://127.8.9.10", "http://localhost:3000",
+                                 "http://[::1]:8080", "https://api.example.com"])
+def test_api_base_url_for_a_test_server_on_loopback(tmp_path, url):
+    config = load_config(write(tmp_path, GOOD), environ={"NEWSLETTER_SENDGRID_BASE_URL": url + "/"})
+    assert config.apis["sendgrid"].base_url == url
+
+
+def test_smtp_give_up_after(tmp_path):
+    assert load_config(write(tmp_path, GOOD), environ={}).smtp.give_up_after == 120.0
+    config = load_config(write(tmp_path, GOOD), environ={"NEWSLETTER_SMTP_GIVE_UP_AFTER": "2.5"})
+    assert config.smtp.give_up_after == 2.5

@@ -9,6 +9,7 @@ import email.policy
 import hmac
 import html
 import json
+import os
 import random
 import re
 import string
@@ -16,10 +17,12 @@ import subprocess
 from dataclasses import replace
 from email.header import decode_header, make_header
 from html.parser import HTMLParser
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
+from conftest import require
 from newsletter.message import MessageFactory
 from newsletter.render import PLACEHOLDERS
 from newsletter.tokens import Signer, TokenError
@@ -621,6 +624,75 @@ def test_dkim_fails_when_the_html_body_is_changed(signed):
     assert data.count(b"View in your browser") == 1
     assert verify(data.replace(b"View in your browser", b"View in your Browser")) is False
     assert verify(data) is True
+
+
+DKIM_PERL = Path(__file__).with_name("dkim_verify.pl")
+
+
+@pytest.fixture(scope="module")
+def perl_verify(dkim_keys):
+    """Mail::DKIM (Perl), independent of dkimpy: 'pass', 'fail', ... for a message."""
+    present = subprocess.run(["perl", "-MMail::DKIM::Verifier", "-e", "1"], capture_output=True).returncode == 0
+    require("Perl Mail::DKIM (libmail-dkim-perl)", present)
+    record = "v=DKIM1; k=rsa; p=" + base64.b64encode(dkim_keys[1]).decode("ascii")
+
+    def verify(data: bytes) -> str:
+        done = subprocess.run(["perl", str(DKIM_PERL)], input=data, capture_output=True, timeout=60,
+                              env={**os.environ, "DKIM_NAME": "s1._domainkey.watchman.example", "DKIM_RECORD": record})
+        assert done.returncode == 0, done.stderr
+        return done.stdout.decode().split("\n")[0]
+    return verify
+
+
+def signed_names(data: bytes) -> list[str]:
+    value = unfold(raw_header(data, "DKIM-Signature")).decode("ascii")
+    tags = dict(t.strip().split("=", 1) for t in value.split(";") if t.strip())
+    return [h.strip().lower() for h in re.sub(r"\s", "", tags["h"]).split(":")], tags
+
+
+def test_dkim_relaxed_and_over_signed(signed, perl_verify):
+    data, verify = signed
+    names, tags = signed_names(data)
+    assert tags["c"] == "relaxed/relaxed"
+    for name in ("from", "to", "subject", "date", "message-id", "reply-to", "list-id", "list-unsubscribe",
+                 "list-unsubscribe-post"):
+        assert names.count(name) == 2, name  # each occurs once: named twice (RFC 6376 8.15)
+    assert names.count("mime-version") == names.count("content-type") == 1
+    assert verify(data) is True and perl_verify(data) == "pass"
+
+
+def test_dkim_survives_a_relay_that_refolds_and_respaces_headers(signed, perl_verify):
+    data, verify = signed
+    head, body = head_and_body(data)
+    subject = re.search(rb"\r\nSubject:[^\r]*(\r\n[ \t][^\r]*)*", head).group(0)
+    words = unfold(subject[len(b"\r\nSubject:"):]).split()
+    refolded = b"\r\nSubject:   " + b" \r\n\t  ".join(words) + b"  "  # other folds, more white space
+    relayed = head.replace(subject, refolded).replace(b"\r\nMIME-Version: 1.0", b"\r\nMIME-Version:\t1.0 ")
+    assert relayed != head
+    relayed = relayed + b"\r\n\r\n" + body
+    assert verify(relayed) is True and perl_verify(relayed) == "pass"
+
+
+@pytest.mark.parametrize("added", [b"From: Mallory <ceo@watchman.example>", b"Subject: Urgent: wire money now",
+                                   b"List-Unsubscribe: <https://evil.example/u>"], ids=["from", "subject", "list"])
+@pytest.mark.parametrize("where", ["top", "bottom"])
+def test_dkim_breaks_when_a_second_header_is_added(signed, perl_verify, added, where):
+    data, verify = signed
+    head, body = head_and_body(data)
+    forged = (added + b"\r\n" + head if where == "top" else head + b"\r\n" + added) + b"\r\n\r\n" + body
+    assert verify(forged) is False
+    assert perl_verify(forged) == "fail"
+
+
+def test_without_over_signing_an_added_subject_would_pass(example, config, signer, dkim_keys, perl_verify):
+    # The control: what over-signing prevents. The same message signed the old way (each
+    # header named once) still verifies with a second Subject on top.
+    import dkim
+    unsigned = build(example, config, signer).data
+    old = dkim.sign(unsigned, b"s1", b"watchman.example", dkim_keys[0].encode(), canonicalize=(b"relaxed", b"relaxed"),
+                    include_headers=[b"from", b"subject", b"to", b"list-unsubscribe"], linesep=b"\r\n")
+    assert perl_verify(old + unsigned) == "pass"
+    assert perl_verify(b"Subject: Urgent: wire money now\r\n" + old + unsigned) == "pass"
 
 
 @pytest.mark.parametrize("secret", [b"", b"short", b"k" * 64, b"a much longer secret than one SHA-256 block " * 3])

@@ -20,6 +20,10 @@ class Worker:
     async def send(self, message: Message) -> Outcome:
         raise NotImplementedError
 
+    def pause(self) -> float:
+        """Seconds to wait before taking more work (it could not connect): the others go on."""
+        return 0.0
+
     async def send_batch(self, messages: list[Message]) -> list[Outcome]:
         return [await self.send(message) for message in messages]
 
@@ -40,3 +44,7 @@ class Backend:
 
     def describe(self) -> str:
         return self.name
+
+    def warnings(self) -> list[str]:
+        """What the user must hear on every run about how this backend is set up."""
+        return []

@@ -12,14 +12,36 @@ Replies are judged by outcome.smtp_outcome, by the command they answer. 421 or a
 connection before the content went out: the message is tried once more on a new
 connection. A drop after the content went out but before the reply: uncertain, since the
 server may have taken it; it is never resent by itself.
+
+Opening a connection fails in two ways. The server cannot be reached (connection refused,
+a timeout, a 421 or other 4xx at the greeting, EHLO or AUTH, a drop): ServerUnreachable.
+Then only that connection's message is deferred; the connection waits (backoff: 0.5 s,
+doubling to 30 s) before it takes more, while the others go on. The run stops (SendError,
+the rest pending or deferred) only when no connection has got through for
+``smtp.give_up_after`` seconds: any message sent or connection opened resets the clock.
+The very first connection of a run still fails fast, so a wrong host or port stops the
+run at once with everyone pending. Everything else is about us and stops the run at once:
+554 at the greeting, EHLO and HELO refused, no STARTTLS, an untrusted certificate,
+tampering, a refused login, a reply that is not SMTP.
+
+Hardening: bytes the server sends after its 220 to STARTTLS and before the handshake are
+refused as tampering (CVE-2011-0411: asyncio's start_tls keeps them in the reader, where
+they would be read as replies inside TLS); a reply line over 2,048 bytes, one that is not
+"3 digits, then space or hyphen", a multiline reply whose codes differ, or bytes that are
+not text, is a protocol error; EHLO refused with 5xx falls back to HELO (no extensions);
+without smtp.helo_name, a machine that calls itself "localhost" greets only loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import ipaddress
+import re
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 
 from ..config import Smtp
@@ -29,6 +51,15 @@ from ..outcome import DATA, MAIL, RCPT, smtp_outcome, uncertain, unreachable
 from .base import SENT, Backend, Outcome, Worker
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
+MAX_LINE = 2048  # RFC 5321 4.5.3.1.5 allows 512 octets for a reply line; some servers say more
+# "250", "250 text" or "250-text": reply codes are 2yz to 5yz (RFC 5321 4.2)
+_REPLY_LINE = re.compile(r"([2-5][0-9][0-9])(?:([ -])(.*))?", re.S)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class ServerUnreachable(SendError):
+    """The server could not be reached or would not talk now (refused, timed out, 421, a
+    drop): the message is deferred and the connection retried later; see SmtpWorker."""
 
 
 class ConnectionLost(Exception):
@@ -38,6 +69,11 @@ class ConnectionLost(Exception):
         super().__init__(reply)
         self.reply = reply
         self.content_sent = content_sent
+
+
+class ProtocolError(ConnectionLost):
+    """The server's reply is not SMTP (garbled, over-long, not text): the connection is
+    unusable. At the greeting it stops the run (a wrong port, or not a mail server)."""
 
 
 @dataclass(frozen=True)
@@ -77,21 +113,33 @@ class SmtpConnection:
 
     async def _read_reply(self) -> Reply:
         """One reply, without a timeout of its own: the caller sets one."""
-        lines = []
+        lines: list[str] = []
+        code = None
         try:
             while True:
-                line = await self.reader.readline()
+                try:
+                    line = await self.reader.readline()
+                except ValueError:  # asyncio's own limit (LimitOverrunError): a line with no end in sight
+                    raise ProtocolError(f"protocol error: a reply line longer than {MAX_LINE} bytes") from None
                 if not line:
                     raise ConnectionLost("connection closed by the server")
-                text = line.decode("utf-8", "replace").rstrip("\r\n")
-                if len(text) < 3 or not text[:3].isdigit():
-                    raise ConnectionLost(f"not an SMTP reply: {text[:80]!r}")
-                lines.append(text[4:])
-                if text[3:4] != "-":
+                if len(line) > MAX_LINE:
+                    raise ProtocolError(f"protocol error: a reply line of {len(line)} bytes (at most {MAX_LINE})")
+                if not line.endswith(b"\n"):
+                    raise ConnectionLost("connection closed by the server in the middle of a reply")
+                found = _REPLY_LINE.fullmatch(_text(line))
+                if not found:
+                    raise ProtocolError(f"protocol error: not an SMTP reply: {line[:80]!r}")
+                if code is not None and found.group(1) != code:
+                    raise ProtocolError(f"protocol error: a multiline reply whose codes differ ({code}, then "
+                                        f"{found.group(1)})")
+                code = found.group(1)
+                lines.append(found.group(3) or "")
+                if found.group(2) != "-":
                     break
         except (ConnectionError, OSError) as exc:
             raise ConnectionLost(f"connection lost: {exc}") from exc
-        reply = Reply(int(text[:3]), tuple(lines))
+        reply = Reply(int(code), tuple(lines))
         if reply.code == 421:
             raise ConnectionLost(str(reply))
         return reply
@@ -119,62 +167,92 @@ class SmtpConnection:
 
     @classmethod
     async def open(cls, settings: Smtp) -> "SmtpConnection":
-        where = f"{settings.host}:{settings.port}"
+        where = f"smtp {settings.host}:{settings.port}"
         context = tls_context(settings) if settings.security in ("ssl", "starttls") else None
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(
                 settings.host, settings.port,
                 ssl=context if settings.security == "ssl" else None,
                 server_hostname=settings.host if settings.security == "ssl" else None,
+                limit=4 * MAX_LINE,  # readline's buffer: a server cannot make us hold more
             ), settings.timeout)
+        except ssl.SSLCertVerificationError as exc:
+            raise SendError(f"{where}: the server's certificate is not trusted: {exc.verify_message}") from exc
         except ssl.SSLError as exc:
-            raise SendError(f"smtp {where}: TLS failed: {exc.reason or exc}") from exc
+            raise SendError(f"{where}: TLS failed: {exc.reason or exc}") from exc
         except (OSError, asyncio.TimeoutError) as exc:
-            raise SendError(f"smtp {where}: cannot connect: {exc or 'timed out'}") from exc
+            why = "connection refused" if isinstance(exc, ConnectionRefusedError) else exc or "timed out"
+            raise ServerUnreachable(f"{where}: cannot connect: {why}") from exc
         conn = cls(reader, writer, settings.timeout)
         try:
-            await conn._greet(settings, context)
+            await conn._greet(settings, context, where)
+        except ProtocolError as exc:  # not a mail server speaking SMTP: a wrong port, or worse
+            conn.abort()
+            raise SendError(f"{where}: {exc.reply}") from exc
         except ConnectionLost as exc:
             conn.abort()
-            raise SendError(f"smtp {where}: {exc.reply}") from exc
+            raise ServerUnreachable(f"{where}: {exc.reply}") from exc
         except BaseException:
             conn.abort()
             raise
         return conn
 
-    async def _greet(self, settings: Smtp, context: ssl.SSLContext | None) -> None:
-        where = f"smtp {settings.host}:{settings.port}"
+    @property
+    def peer(self) -> str | None:
+        peer = self.writer.get_extra_info("peername")
+        return peer[0] if peer else None
+
+    async def _greet(self, settings: Smtp, context: ssl.SSLContext | None, where: str) -> None:
         greeting = await self.read_reply()
+        if 400 <= greeting.code < 500:
+            raise ServerUnreachable(f"{where}: the server will not talk now: {greeting}")
         if greeting.code != 220:
             raise SendError(f"{where}: the server will not talk: {greeting}")
-        helo = settings.helo_name or socket.getfqdn() or "localhost"
-        await self._ehlo(helo, where)
+        helo = ehlo_name(settings.helo_name, self.peer, where)
+        await self._hello(helo, where, fallback=True)
         if settings.security == "starttls":
             if "STARTTLS" not in self.extensions:
-                raise SendError(f"{where}: the server does not offer STARTTLS; refusing to send in the clear "
+                why = f" (it refused EHLO: {self.ehlo_refused}, so it offers no extensions)" if self.ehlo_refused else ""
+                raise SendError(f"{where}: the server does not offer STARTTLS{why}; refusing to send in the clear "
                                 "(set smtp.security = \"none\" only for a trusted relay)")
             reply = await self.command("STARTTLS")
             if reply.code != 220:
                 raise SendError(f"{where}: STARTTLS refused: {reply}")
+            # Anything already read past the 220 was sent in the clear, and start_tls keeps
+            # it in the reader, where it would pass for the first replies inside TLS.
+            if getattr(self.reader, "_buffer", b""):
+                raise SendError(f"{where}: the server sent data before the TLS handshake: possible tampering; "
+                                "refusing")
             try:
                 await asyncio.wait_for(self.writer.start_tls(context, server_hostname=settings.host),
                                        settings.timeout)
             except ssl.SSLCertVerificationError as exc:
                 raise SendError(f"{where}: the server's certificate is not trusted: {exc.verify_message}") from exc
             except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
-                raise SendError(f"{where}: TLS failed: {exc}") from exc
-            await self._ehlo(helo, where)
+                raise SendError(f"{where}: TLS failed: {exc or 'timed out'}") from exc
+            await self._hello(helo, where, fallback=False)
         if settings.username:
             await self._login(settings, where)
 
-    async def _ehlo(self, helo: str, where: str) -> None:
-        reply = await self.command(f"EHLO {helo}")
-        if reply.code != 250:
-            raise SendError(f"{where}: EHLO refused: {reply}")
+    ehlo_refused: str | None = None
+
+    async def _hello(self, name: str, where: str, fallback: bool) -> None:
+        reply = await self.command(f"EHLO {name}")
         self.extensions = {}
-        for line in reply.lines[1:]:
-            keyword, _, params = line.partition(" ")
-            self.extensions[keyword.upper()] = params
+        if reply.code == 250:
+            for line in reply.lines[1:]:
+                keyword, _, params = line.partition(" ")
+                self.extensions[keyword.upper()] = params
+            return
+        if 400 <= reply.code < 500:
+            raise ServerUnreachable(f"{where}: EHLO deferred: {reply}")
+        if fallback:  # an old or minimal server: HELO, and no extensions at all (RFC 5321 4.1.1.1)
+            helo = await self.command(f"HELO {name}")
+            if helo.code == 250:
+                self.ehlo_refused = str(reply)
+                return
+            raise SendError(f"{where}: EHLO refused ({reply}), and HELO too ({helo})")
+        raise SendError(f"{where}: EHLO refused: {reply}")
 
     async def _login(self, settings: Smtp, where: str) -> None:
         if not settings.password:
@@ -193,6 +271,8 @@ class SmtpConnection:
                 reply = await self.command(base64.b64encode(settings.password.encode()).decode())
         else:
             raise SendError(f"{where}: the server offers no login method we know (AUTH {' '.join(methods) or 'none'})")
+        if 400 <= reply.code < 500:  # 454 4.7.0 temporary authentication failure: the server's
+            raise ServerUnreachable(f"{where}: login deferred: {reply}")
         if reply.code != 235:
             raise SendError(f"{where}: login refused: {reply}")
 
@@ -251,19 +331,107 @@ class SmtpConnection:
             pass
 
 
-class SmtpWorker(Worker):
+def _text(line: bytes) -> str:
+    """A reply line as text, or a protocol error for bytes that are not (NUL, binary, bad UTF-8)."""
+    try:
+        text = line.rstrip(b"\r\n").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"protocol error: a reply that is not text: {line[:80]!r}") from None
+    if _CONTROL.search(text):
+        raise ProtocolError(f"protocol error: a reply with control characters: {line[:80]!r}")
+    return text
+
+
+@functools.lru_cache(maxsize=1)
+def this_machine() -> str:
+    return socket.getfqdn()  # a DNS lookup: once a run, not once a connection
+
+
+def is_loopback(address: str | None) -> bool:
+    if not address:
+        return False
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def ehlo_name(configured: str | None, peer: str | None, where: str = "smtp", machine: str | None = None) -> str:
+    """The name we give in EHLO: smtp.helo_name, else this machine's own name. A machine
+    that calls itself "localhost" (or a name with no dot) may say so only to a server on
+    loopback: any other server refuses that EHLO or scores it as spam."""
+    if configured:
+        return configured
+    name = this_machine() if machine is None else machine
+    try:
+        ip = ipaddress.ip_address(name)
+        return f"[{name}]" if ip.version == 4 else f"[IPv6:{name}]"  # an address literal (RFC 5321 4.1.3)
+    except ValueError:
+        pass
+    lower = name.lower().rstrip(".")
+    if lower and "." in lower and not lower.startswith("localhost.") and lower != "localhost":
+        return name
+    if is_loopback(peer):
+        return name or "localhost"
+    raise SendError(f"{where}: this machine calls itself {name or 'nothing'!r}, and a server that is not on "
+                    "loopback would refuse that in EHLO or score it as spam; set smtp.helo_name "
+                    "(NEWSLETTER_SMTP_HELO_NAME) to this machine's public name, one whose address resolves "
+                    "back to it")
+
+
+class _Reachability:
+    """Shared by a backend's connections: how long has no connection got through?"""
+
     def __init__(self, settings: Smtp):
         self.settings = settings
+        self.failing_since: float | None = None
+        self.failures = 0
+
+    def ok(self) -> None:
+        self.failing_since, self.failures = None, 0
+
+    def failed(self, exc: ServerUnreachable) -> None:
+        """Raises SendError, stopping the run, once nothing has got through for give_up_after."""
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+        self.failures += 1
+        waited = now - self.failing_since
+        if self.failures >= 2 and waited >= self.settings.give_up_after:
+            s = self.settings
+            raise SendError(f"smtp {s.host}:{s.port}: no connection got through for {waited:.0f} s "
+                            f"({self.failures} attempts in a row; smtp.give_up_after is {s.give_up_after:g} s); "
+                            f"last: {exc}. Nobody has been marked failed: the rest is pending or deferred, "
+                            "run send again once the server is back") from exc
+
+
+class SmtpWorker(Worker):
+    BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0  # seconds a connection that could not connect waits
+
+    def __init__(self, settings: Smtp, reach: _Reachability | None = None):
+        self.settings = settings
+        self.reach = reach or _Reachability(settings)
         self.conn: SmtpConnection | None = None
         self.used = 0
+        self.backoff = 0.0
+        self.resume_at = 0.0
+
+    def pause(self) -> float:
+        return max(0.0, self.resume_at - time.monotonic())
 
     async def send(self, message: Message) -> Outcome:
         for attempt in (1, 2):
             if self.conn is None or self.used >= self.settings.messages_per_connection:
-                await self._reconnect()
+                try:
+                    await self._reconnect()
+                except ServerUnreachable as exc:
+                    self.unreachable(exc)  # may stop the run: nothing got through for too long
+                    return unreachable(str(exc))
             self.used += 1
             try:
-                return await self.conn.send(message)
+                outcome = await self.conn.send(message)
             except ConnectionLost as exc:
                 self.conn.abort()
                 self.conn = None
@@ -271,13 +439,25 @@ class SmtpWorker(Worker):
                     return uncertain(f"{exc.reply} (after the message was sent, before the reply)")
                 if attempt == 2:
                     return unreachable(exc.reply)
+                continue
+            self.reach.ok()
+            return outcome
         raise AssertionError("unreachable")
+
+    def unreachable(self, exc: ServerUnreachable) -> None:
+        """This connection waits before it tries again; the others go on."""
+        self.backoff = min(self.BACKOFF_MAX, self.backoff * 2 or self.BACKOFF_FIRST)
+        self.resume_at = time.monotonic() + self.backoff
+        self.reach.failed(exc)
 
     async def _reconnect(self) -> None:
         if self.conn is not None:
             await self.conn.quit()
+            self.conn = None
         self.conn = await SmtpConnection.open(self.settings)
         self.used = 0
+        self.backoff = 0.0
+        self.reach.ok()
 
     async def close(self) -> None:
         if self.conn is not None:
@@ -291,15 +471,31 @@ class SmtpBackend(Backend):
     def __init__(self, settings: Smtp):
         self.settings = settings
         self.connections = settings.connections
+        self.reach = _Reachability(settings)
+        self.opened = 0
 
     async def open_worker(self) -> Worker:
-        worker = SmtpWorker(self.settings)
-        await worker._reconnect()  # fail fast: a wrong host or password stops the run here
+        worker = SmtpWorker(self.settings, self.reach)
+        try:
+            await worker._reconnect()
+        except ServerUnreachable as exc:
+            if not self.opened:
+                raise  # the first connection fails fast: a wrong host or port stops the run here
+            worker.unreachable(exc)  # another one: it tries again after its backoff
+        self.opened += 1
         return worker
+
+    def warnings(self) -> list[str]:
+        s = self.settings
+        if s.security != "none" and not s.verify_tls:
+            return [f"smtp.verify_tls is false: the certificate of {s.host} is not checked, so anyone on the "
+                    "path can read and change these messages and the login; set smtp.ca_file instead"]
+        return []
 
     def describe(self) -> str:
         s = self.settings
         return f"smtp {s.host}:{s.port} ({s.security}, {s.connections} connection{'s' * (s.connections != 1)})"
 
 
-__all__ = ["SmtpBackend", "SmtpConnection", "SmtpWorker", "SENT", "ConnectionLost"]
+__all__ = ["SmtpBackend", "SmtpConnection", "SmtpWorker", "SENT", "ConnectionLost", "ProtocolError",
+           "ServerUnreachable", "ehlo_name"]

@@ -1,0 +1,240 @@
+"""The SMTP client against servers that misbehave, on loopback (tests/rogue_smtp.py, plain
+sockets and ssl): STARTTLS injection, reconnects that fail, EHLO refused, replies that are
+not SMTP, the EHLO name, and verify_tls = false said out loud."""
+
+import asyncio
+import re
+
+import pytest
+
+from conftest import EXAMPLE, addresses, config_for, run_cli, subscribe
+from newsletter.backends.smtp import ServerUnreachable, SmtpConnection, ehlo_name
+from newsletter.errors import SendError
+from newsletter.sender import send_issue
+from newsletter.store import Store
+from rogue_smtp import RogueServer
+from smtp_server import PASSWORD, USER, Handler, Server, free_port, make_certificate
+from test_send import settings_env
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory):
+    return make_certificate(tmp_path_factory.mktemp("tls"))
+
+
+def ledger(config):
+    with Store(config.store.path) as store:
+        return store.counts(EXAMPLE.stem)
+
+
+# -- 1. STARTTLS injection (CVE-2011-0411 class) ---------------------------------------------------
+
+@pytest.mark.parametrize("inject", [True, False], ids=["injected", "honest"])
+def test_bytes_sent_before_the_tls_handshake_are_refused_as_tampering(tmp_path, cert, inject):
+    # A man in the middle (or a buggy server) sends replies in the clear right after the 220:
+    # read after the handshake, they would pass for the server's answers inside TLS.
+    injected = b"250-evil\r\n250 AUTH PLAIN\r\n"
+    with RogueServer(tls=cert, auth=(USER, PASSWORD),
+                     hook=lambda n, verb: injected if inject and verb == "STARTTLS" else None) as server:
+        config = config_for(settings_env(tmp_path, server.port, cert))
+        subscribe(config, addresses(2))
+        if inject:
+            with pytest.raises(SendError, match="sent data before the TLS handshake: possible tampering; refusing"):
+                send_issue(EXAMPLE, config)
+            assert ledger(config)["pending"] == 2
+            assert not any(c.upper().startswith(("MAIL", "AUTH", "EHLO")) for c in server.commands()[2:])
+            assert server.delivered() == {}
+        else:  # the same server without the injection: the client goes on and delivers
+            assert send_issue(EXAMPLE, config).counts["sent"] == 2
+            assert server.delivered() == {a: 1 for a in addresses(2)}
+    assert server.sessions and all(s.commands[:2] == [s.commands[0], "STARTTLS"] for s in server.sessions)
+
+
+# -- 2. a failed reconnect defers that connection's messages -----------------------------------------
+
+def test_connections_that_fail_are_retried_while_the_others_go_on(tmp_path, cert):
+    # Connection 2 (the second worker's first) gets a 421, connection 3 is dropped before the
+    # greeting; then the server works. Nobody is lost or doubled, and the run ends well.
+    def hook(n, verb):
+        if verb == "GREETING" and n == 2:
+            return b"421 4.3.2 Too busy, try later\r\n"
+        if verb == "GREETING" and n == 3:
+            return "drop"
+        return None
+
+    with RogueServer(tls=cert, auth=(USER, PASSWORD), hook=hook) as server:
+        env = settings_env(tmp_path, server.port, cert, smtp_connections=2, smtp_messages_per_connection=2)
+        everyone = addresses(8)
+        subscribe(config_for(env), everyone)
+        result = run_cli("send", EXAMPLE, env=env)
+        assert result.returncode == 0, result.stderr
+        assert server.delivered() == {a: 1 for a in everyone}
+        assert len(server.sessions) >= 5
+    counts = ledger(config_for(env))
+    assert counts["sent"] == 8 and counts["pending"] == counts["deferred"] == counts["failed"] == 0
+    with Store(config_for(env).store.path) as store:
+        attempts = dict(store.db.execute("SELECT email, attempts FROM deliveries"))
+    # Connection 2 failed while the run opened it (no message in hand); the message that met
+    # connection 3 was deferred, and went on its second attempt.
+    assert sorted(attempts.values()) == [1] * 7 + [2]
+
+
+def test_the_run_stops_when_no_connection_gets_through_for_give_up_after(tmp_path, cert):
+    # The server goes away after its first message: connections are refused from then on.
+    port = free_port()
+    with RogueServer(tls=cert, auth=(USER, PASSWORD), port=port,
+                     hook=lambda n, verb: "vanish" if n == 2 and verb == "GREETING" else None) as server:
+        env = settings_env(tmp_path, port, cert, smtp_connections=1, smtp_messages_per_connection=1,
+                           smtp_give_up_after=1)
+        everyone = addresses(6)
+        subscribe(config_for(env), everyone)
+        result = run_cli("send", EXAMPLE, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "no connection got through for" in result.stderr and "cannot connect: connection refused" in result.stderr
+    assert "run send again once the server is back" in result.stderr
+    counts = ledger(config_for(env))
+    assert counts["sent"] == 1 and counts["failed"] == counts["uncertain"] == 0
+    assert counts["pending"] + counts["deferred"] == 5
+    assert server.delivered() == {everyone[0]: 1}
+    with RogueServer(tls=cert, auth=(USER, PASSWORD), port=port) as back:  # the server is back
+        again = run_cli("send", EXAMPLE, env=env)
+    assert again.returncode == 0, again.stderr
+    assert back.delivered() == {a: 1 for a in everyone[1:]}
+    assert ledger(config_for(env))["sent"] == 6
+
+
+def test_a_wrong_port_fails_fast_at_the_first_connection(tmp_path):
+    env = settings_env(tmp_path, free_port(), smtp_security="none")  # nothing listens there
+    subscribe(config_for(env), addresses(2))
+    result = run_cli("send", EXAMPLE, env=env)
+    assert result.returncode == 2 and "cannot connect" in result.stderr
+    assert ledger(config_for(env))["pending"] == 2
+
+
+def test_connection_refused_is_unreachable_not_the_senders_fault(tmp_path):
+    settings = config_for(settings_env(tmp_path, free_port(), smtp_security="none")).smtp
+    with pytest.raises(ServerUnreachable, match="cannot connect"):
+        asyncio.run(SmtpConnection.open(settings))
+
+
+@pytest.mark.parametrize("greeting", [b"554 5.7.1 You are not welcome here\r\n", b"421 4.7.0 busy\r\n"])
+def test_a_refusal_at_the_greeting_stops_the_run_and_a_421_only_defers(tmp_path, greeting):
+    with RogueServer(hook=lambda n, verb: greeting if verb == "GREETING" and n == 1 else None) as server:
+        env = settings_env(tmp_path, server.port, smtp_security="none", smtp_username="",
+                           smtp_connections=2)
+        del env["NEWSLETTER_SMTP_USERNAME"], env["NEWSLETTER_SMTP_PASSWORD"]
+        subscribe(config_for(env), addresses(4))
+        result = run_cli("send", EXAMPLE, env=env)
+    if greeting.startswith(b"554"):  # the first connection is refused for good: everyone pending
+        assert result.returncode == 2 and "the server will not talk: 554 5.7.1" in result.stderr
+        assert ledger(config_for(env))["pending"] == 4 and server.delivered() == {}
+    else:  # the first connection fails fast too (a wrong host looks the same): pending, exit 2
+        assert result.returncode == 2 and "421 4.7.0 busy" in result.stderr
+        assert ledger(config_for(env))["pending"] == 4
+
+
+# -- 3. HELO when EHLO is refused; replies that are not SMTP --------------------------------------
+
+def test_helo_when_ehlo_is_refused(tmp_path):
+    refuse = lambda n, verb: b"502 5.5.2 Error: command not recognized\r\n" if verb == "EHLO" else None  # noqa
+    with RogueServer(hook=refuse) as server:
+        env = settings_env(tmp_path, server.port, smtp_security="none")
+        del env["NEWSLETTER_SMTP_USERNAME"], env["NEWSLETTER_SMTP_PASSWORD"]
+        subscribe(config_for(env), addresses(3))
+        assert send_issue(EXAMPLE, config_for(env)).counts["sent"] == 3
+        assert server.delivered() == {a: 1 for a in addresses(3)}
+        commands = server.sessions[0].commands
+        assert commands[0].startswith("EHLO ") and commands[1].startswith("HELO ")
+        # no PIPELINING after HELO: one command at a time, so each MAIL was answered before RCPT
+        assert [c.split(":")[0] for c in commands[2:5]] == ["MAIL FROM", "RCPT TO", "DATA"]
+
+
+def test_helo_has_no_starttls_so_starttls_security_stops(tmp_path, cert):
+    refuse = lambda n, verb: b"500 5.5.1 What?\r\n" if verb == "EHLO" else None  # noqa
+    with RogueServer(tls=cert, hook=refuse) as server:
+        config = config_for(settings_env(tmp_path, server.port, cert))
+        subscribe(config, addresses(2))
+        with pytest.raises(SendError, match=r"does not offer STARTTLS \(it refused EHLO: 500 5.5.1 What\?"):
+            send_issue(EXAMPLE, config)
+        assert ledger(config)["pending"] == 2 and "STARTTLS" not in server.commands()
+
+
+GARBAGE = {
+    "long-line": ("GREETING", b"220 " + b"x" * 3000 + b"\r\n", "a reply line of 3006 bytes (at most 2048)"),
+    "endless-line": ("GREETING", b"220 " + b"x" * 200_000, "a reply line longer than 2048 bytes"),
+    "not-a-reply": ("GREETING", b"HTTP/1.1 400 Bad Request\r\n", "not an SMTP reply"),
+    "no-separator": ("GREETING", b"2200 hello\r\n", "not an SMTP reply"),
+    "binary": ("GREETING", b"220 \xff\xfe\x00\x01garbage\r\n", "a reply that is not text"),
+    "control-chars": ("GREETING", b"220 hello\x1b[31m\r\n", "a reply with control characters"),
+    "codes-differ": ("EHLO", b"250-rogue.test\r\n251 PIPELINING\r\n", "a multiline reply whose codes differ"),
+}
+
+
+@pytest.mark.parametrize("case", GARBAGE, ids=list(GARBAGE))
+def test_a_reply_that_is_not_smtp_is_a_protocol_error(tmp_path, case):
+    verb, reply, expected = GARBAGE[case]
+    with RogueServer(hook=lambda n, v: reply if v == verb else None) as server:
+        env = settings_env(tmp_path, server.port, smtp_security="none", smtp_timeout=5)
+        del env["NEWSLETTER_SMTP_USERNAME"], env["NEWSLETTER_SMTP_PASSWORD"]
+        config = config_for(env)
+        subscribe(config, addresses(2))
+        with pytest.raises(SendError, match="protocol error: " + re.escape(expected)):
+            send_issue(EXAMPLE, config)
+        assert ledger(config)["pending"] == 2 and server.delivered() == {}
+        if case == "binary":  # and as the user sees it: a sentence, exit 2, no traceback
+            result = run_cli("send", EXAMPLE, env=env)
+            assert result.returncode == 2 and "protocol error: a reply that is not text" in result.stderr
+
+
+def test_a_garbled_reply_mid_send_drops_that_connection_only(tmp_path):
+    # A reply to MAIL that is not SMTP: that connection is unusable, the message is tried on a new one.
+    garble = lambda n, verb: b"25O 0k\r\n" if verb == "MAIL" and n == 1 else None  # noqa
+    with RogueServer(hook=garble) as server:
+        env = settings_env(tmp_path, server.port, smtp_security="none", smtp_connections=1)
+        del env["NEWSLETTER_SMTP_USERNAME"], env["NEWSLETTER_SMTP_PASSWORD"]
+        subscribe(config_for(env), addresses(3))
+        summary = send_issue(EXAMPLE, config_for(env))
+    assert summary.counts["sent"] == 3 and server.delivered() == {a: 1 for a in addresses(3)}
+    assert len(server.sessions) == 2
+
+
+# -- 5. the EHLO name ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("machine", ["localhost", "localhost.localdomain", "buildbox", "", "LOCALHOST.example"])
+def test_a_machine_called_localhost_greets_only_loopback(machine):
+    with pytest.raises(SendError, match=r"this machine calls itself .*set smtp.helo_name"):
+        ehlo_name(None, "203.0.113.7", "smtp mail.example.com:587", machine=machine)
+    for peer in ("127.0.0.1", "127.0.0.53", "::1"):
+        assert ehlo_name(None, peer, machine=machine) == (machine or "localhost")
+    assert ehlo_name("news.example.com", "203.0.113.7", machine=machine) == "news.example.com"
+
+
+def test_a_machine_with_a_proper_name_greets_with_it():
+    assert ehlo_name(None, "203.0.113.7", machine="mx1.example.org") == "mx1.example.org"
+    assert ehlo_name(None, "203.0.113.7", machine="192.0.2.4") == "[192.0.2.4]"
+    assert ehlo_name(None, "203.0.113.7", machine="2001:db8::1") == "[IPv6:2001:db8::1]"
+
+
+def test_the_configured_helo_name_is_what_the_server_hears(tmp_path):
+    with RogueServer() as server:
+        env = settings_env(tmp_path, server.port, smtp_security="none", smtp_helo_name="news.example.com")
+        del env["NEWSLETTER_SMTP_USERNAME"], env["NEWSLETTER_SMTP_PASSWORD"]
+        subscribe(config_for(env), addresses(1))
+        send_issue(EXAMPLE, config_for(env))
+    assert server.sessions[0].commands[0] == "EHLO news.example.com"
+
+
+# -- 4. verify_tls = false is said on every run ----------------------------------------------------
+
+def test_verify_tls_false_is_warned_on_every_run(tmp_path, cert):
+    with Server(Handler(), tls=cert) as server:
+        env = settings_env(tmp_path, server.port, None, smtp_verify_tls="false")
+        subscribe(config_for(env), addresses(2))
+        summary = send_issue(EXAMPLE, config_for(env))
+        assert summary.counts["sent"] == 2
+        assert any("smtp.verify_tls is false" in w for w in summary.warnings)
+        result = run_cli("send", EXAMPLE, env=env)  # nothing left to send: still said
+        assert result.returncode == 0 and "warning: smtp.verify_tls is false" in result.stderr
+        checked = send_issue(EXAMPLE, config_for({**env, "NEWSLETTER_SMTP_CA_FILE": str(cert[0]),
+                                                  "NEWSLETTER_SMTP_VERIFY_TLS": "true"}))
+        assert not any("verify_tls" in w for w in checked.warnings)
