@@ -1280,3 +1280,41 @@ def test_postmark_and_resend_requests_are_streamed_with_their_length_up_front(tm
     assert [item["to"] if provider == "resend" else item["To"] for item in json.loads(bytes(spec.content))] == [
         [f'"Reader {i}" <r{i}@example.com>'] if provider == "resend" else f'"Reader {i}" <r{i}@example.com>'
         for i in range(3)]
+
+
+# -- SES against moto (an independent SES v2 implementation), when installed ---------------------------
+
+@pytest.fixture
+def moto_ses(monkeypatch):
+    """moto's SES v2 server on loopback: (its URL, a botocore sesv2 client for it)."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    import botocore.session
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    client = botocore.session.get_session().create_client(
+        "sesv2", region_name=SES_REGION, endpoint_url=url, aws_access_key_id=AWS_KEY_ID,
+        aws_secret_access_key=AWS_SECRET)
+    try:
+        yield url, client
+    finally:
+        server.stop()
+
+
+def test_ses_against_moto_an_unverified_sender_stops_the_run_then_a_verified_one_sends(tmp_path, moto_ses):
+    url, client = moto_ses
+    with ApiServer() as unused:  # api_env wants a server; moto is the one that answers
+        env = {**api_env(tmp_path, unused, "ses", batch_size=1), "NEWSLETTER_SES_BASE_URL": url}
+    config = config_for(env)
+    subscribe(config, addresses(6))
+    summary = send_issue(EXAMPLE, config)
+    assert summary.refused and "MessageRejected" in summary.refused and config.sender.address in summary.refused
+    assert summary.counts["pending"] == 6 and summary.counts["failed"] == 0
+    assert suppressed_and_bounced(config) == ([], [])
+    assert {fault_of(config, a) for a in addresses(6)} <= {"sender", None}
+    client.create_email_identity(EmailIdentity=config.sender.address)  # moto verifies it at once
+    fixed = send_issue(EXAMPLE, config)
+    assert fixed.counts["sent"] == 6 and not fixed.refused
+    for state, reply, _ in ledger(config).values():
+        assert state == "sent" and reply.startswith("200 MessageId ")

@@ -15,9 +15,10 @@ throttling is 429 TooManyRequestsException. Note: SES replaces the Message-ID he
 Errors, by x-amzn-ErrorType (https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_SendEmail.html
 "Errors", and the knowledge-center article on 400 "Message rejected: Email address is not
 verified. The following identities failed the check in region"):
-    MessageRejected "Email address is not verified" -> the sender (an unverified From in this
-        region, or in the sandbox an unverified recipient: both the account's to fix); any
-        other MessageRejected ("contains invalid content") -> the message: the run stops
+    MessageRejected -> the sender ("Email address is not verified": an unverified From in this
+        region, or in the sandbox an unverified recipient, both the account's to fix; moto says
+        "Did not have authority to send from"), unless it speaks of the content (a virus, a
+        header, a line, the size) -> the message: either way the run stops
     MailFromDomainNotVerifiedException, AccountSuspendedException, SendingPausedException,
         NotFoundException (the configuration set), LimitExceededException, and a 429 that
         speaks of a daily quota -> the sender: the run stops, the rest waits
@@ -32,6 +33,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 
 import httpx
 
@@ -42,6 +44,7 @@ from .base import FAILED, SENT, Outcome
 from .http import ApiRequest, HttpBackend, json_body
 
 
+_CONTENT = re.compile(r"content|virus|header|line|body|attachment|too large|size|MIME", re.I)
 SENDER_ERRORS = {"MailFromDomainNotVerifiedException", "AccountSuspendedException", "SendingPausedException",
                  "NotFoundException", "LimitExceededException"}
 
@@ -96,7 +99,7 @@ class Backend(HttpBackend):
         text = self.error_text(response)
         code = f"SES {kind}" if kind else None
         if kind == "MessageRejected":  # the sandbox's unverified recipient too: the account's, not the reader's
-            return self.refused(SENDER if "not verified" in text.lower() else MESSAGE, status, text, code), None
+            return self.refused(MESSAGE if _CONTENT.search(text) else SENDER, status, text, code), None
         if kind in SENDER_ERRORS or (status == 429 and "quota" in text.lower()):
             return self.refused(SENDER, status, text, code), None
         outcome, index = super().refusal(response, messages)
