@@ -193,7 +193,7 @@ def _api_options(provider: str, base_url: str, batch: int, rate: float, extra: d
         "requests_in_flight": Int(default=4, min=1, max=64),
         "requests_per_second": Seconds(default=rate, help="0 for no limit"),
         "timeout": Seconds(default=30.0),
-        "max_retries": Int(default=4, min=0, max=20, help="for 429, 5xx, timeouts and connection errors"),
+        "max_retries": Int(default=4, min=0, max=20, help="for 429 and connections that never opened (Resend: also timeouts and 5xx)"),
         "retry_delay": Seconds(default=1.0, help="first wait before a retry; doubles each time, with jitter"),
         **extra,
     }

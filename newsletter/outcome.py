@@ -70,8 +70,9 @@ def accepted(reply: str) -> Outcome:
     return Outcome(SENT, reply)
 
 
-def uncertain(reply: str) -> Outcome:
-    return Outcome(UNCERTAIN, reply, SERVER, code="uncertain")
+def uncertain(reply: str, code: str = "uncertain") -> Outcome:
+    """`code` names the kind ("SendGrid HTTP 500"), so that the breaker sees a run of them."""
+    return Outcome(UNCERTAIN, reply, SERVER, code=code)
 
 
 def unreachable(reply: str) -> Outcome:
@@ -173,7 +174,10 @@ def advice(outcome: Outcome) -> str:
         return (f"the server refused the message itself ({reply}); every reader would get the same answer. "
                 "Change the issue (its content or size) and run send again: nobody has been marked failed")
     detail = (enhanced_code(reply.split(" ", 1)[-1]) or "").split(".", 1)[-1]
-    if detail in ("1.7", "1.8") or "sender" in reply.lower():
+    api_fix = _api_fix(outcome)
+    if api_fix:
+        what = api_fix
+    elif detail in ("1.7", "1.8") or "sender" in reply.lower():
         what = "the sender address was refused: check [sender] address (its domain must exist and be allowed " \
                "to send through this server or provider)"
     elif detail in ("7.0", "7.8", "7.9", "7.11") or reply.startswith("530"):
@@ -183,6 +187,30 @@ def advice(outcome: Outcome) -> str:
     else:
         what = "the sending account or this machine was refused"
     return f"{what} ({reply}). Nobody has been marked failed; run send again once it is fixed"
+
+
+# An HTTP API's refusal (its code names the provider: "SES MessageRejected", "SendGrid 403"), by
+# the provider's words, first match wins -> what to fix.
+_API_FIXES = (
+    (re.compile(r"not verified|verified sender|sender identity|sender signature|MailFromDomain", re.I),
+     "the provider has not verified the sender: verify [sender] address (or its domain) with the provider "
+     "(Amazon SES: in this region; in the SES sandbox every recipient must be verified too)"),
+    (re.compile(r"quota|paused|suspended|not allowed to send|may not send|account is pending|LimitExceeded", re.I),
+     "the provider will not let this account send now (a sending quota reached, sending paused or the account "
+     "suspended or pending): see the provider's console; the rest waits"),
+    (re.compile(r"API response 40[13]\b"),
+     "the provider refused the API key: check NEWSLETTER_<BACKEND>_API_KEY and its permissions "
+     "(Amazon SES: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and [ses] region)"),
+    (re.compile(r"API response 404\b|stream|configuration set|NotFound", re.I),
+     "the provider does not know a name in the settings: check base_url, [mailgun] domain, "
+     "[postmark] message_stream, [ses] configuration_set and region"),
+)
+
+
+def _api_fix(outcome: Outcome) -> str | None:
+    if not outcome.code[:1].isalpha() or " " not in outcome.code:  # SMTP codes are digits
+        return None
+    return next((fix for pattern, fix in _API_FIXES if pattern.search(outcome.reply)), None)
 
 
 class Breaker:
@@ -212,6 +240,10 @@ class Breaker:
         return None
 
     def _why(self, outcome: Outcome) -> str:
+        if outcome.state == UNCERTAIN:
+            return (f"the same answer came back for {self.count} requests in a row ({outcome.reply}); they may or "
+                    "may not have been delivered, so the run stopped. Check with `newsletter status`; once the "
+                    "provider answers again, `newsletter send --resend-uncertain` sends them")
         return (f"the same answer came back for {self.count} recipients (or requests) in a row ({outcome.reply}); "
                 "this looks like the server or the sending account, not the readers, so the run stopped. "
                 "Check with `newsletter status`; put back anyone suppressed by it with "

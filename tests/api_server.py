@@ -20,7 +20,10 @@ Postmark and Resend take each item as it is; SES parses the raw MIME.
 Faults, scripted per test: 429 (with or without Retry-After; SendGrid's X-RateLimit-Reset
 window), 5xx, a slow answer (before, during or after the request is processed), a 200 of
 an unexpected shape, a per-message error (Postmark 406 inactive recipient; Resend ``errors[]`` in permissive
-mode), and a whole-request 4xx for a batch holding a chosen address. Resend's
+mode), a whole-request 4xx for a batch holding a chosen address, a 5xx or a connection reset after the
+request was taken and recorded (a lost answer), an unverified sender (each provider's own answer: SendGrid
+403, Postmark ErrorCode 400 per message, Resend 403, SES 400 MessageRejected), and any error answer in the
+provider's shape (``refuse``). Resend's
 Idempotency-Key is honoured: a repeat with the same body replays the first answer without
 recording anything again; a different body is 409 invalid_idempotent_request; a repeat
 while the first is still being processed is 409 concurrent_idempotent_requests.
@@ -37,6 +40,8 @@ import hashlib
 import hmac
 import json
 import re
+import socket
+import struct
 import threading
 import time
 import traceback
@@ -72,6 +77,7 @@ SENDGRID_RESERVED = {"x-sg-id", "x-sg-eid", "received", "dkim-signature", "conte
                      "content-transfer-encoding", "to", "from", "subject", "reply-to", "cc", "bcc"}
 AMZN_NS = "http://internal.amazon.com/coral/com.amazon.coral.service/"
 _NO = object()
+_RESET = object()  # an answer: reset the connection (RST) instead of answering
 
 
 @dataclass
@@ -140,7 +146,10 @@ class ApiServer:
         self.errors: list[str] = []  # bugs in this fake itself: reported at exit
         # scripted faults
         self._throttle: list[float | str | None] = []
-        self._fail: list[int] = []
+        self._fail: list[tuple[int, bool]] = []
+        self._reset: list[bool] = []
+        self._refuse: list[Reject] = []
+        self.sender_verified = True  # False: every request is refused for its unverified From, as each provider does
         self._slow: list[_Slow] = []
         self._garble: list[bytes] = []
         self._inactive: set[str] = set()
@@ -174,9 +183,23 @@ class ApiServer:
         with self.lock:
             self._throttle += [retry_after] * times
 
-    def fail(self, times: int = 1, status: int = 500) -> None:
+    def fail(self, times: int = 1, status: int = 500, after: bool = False) -> None:
+        """The next `times` requests get `status` (5xx): before anything is taken, or `after`
+        the request was taken and recorded (what a crash or a proxy after the work looks like;
+        Resend's key then holds the real answer)."""
         with self.lock:
-            self._fail += [status] * times
+            self._fail += [(status, after)] * times
+
+    def reset(self, times: int = 1, after: bool = False) -> None:
+        """The next `times` requests: the whole body is read, then the connection is reset
+        with no answer: before anything is taken, or `after` it was taken and recorded."""
+        with self.lock:
+            self._reset += [after] * times
+
+    def refuse(self, status: int, message: str, code=None, field=None, times: int = 1) -> None:
+        """The next `times` authenticated requests get this error, in the provider's shape."""
+        with self.lock:
+            self._refuse += [Reject(status, message, code=code, field=field)] * times
 
     def slow(self, seconds: float, mode: str = "before", times: int = 1) -> None:
         assert mode in ("before", "during", "after")
@@ -245,6 +268,10 @@ class ApiServer:
             if answer is None:  # dropped: the client gave up long ago
                 h.close_connection = True
                 return
+            if answer is _RESET:  # linger 0: close() sends RST, the client reads a reset and no answer
+                h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                h.close_connection = True
+                return
             status, out_headers, payload = answer
             req.status, req.answer, req.answer_headers = status, payload, dict(out_headers)
             try:
@@ -290,12 +317,16 @@ class ApiServer:
         req.recipients = [a.lower() for a in _batch_addresses(provider, req)]
 
         # scripted faults, on authenticated requests at the right address
-        throttle, fail, slow, garble = _NO, None, None, None
+        throttle, fail, slow, garble, reset, refuse = _NO, None, None, None, None, None
         with self.lock:  # one fault a request, in this order
             if self._throttle:
                 throttle = self._throttle.pop(0)
+            elif self._refuse:
+                refuse = self._refuse.pop(0)
             elif self._fail:
                 fail = self._fail.pop(0)
+            elif self._reset:
+                reset = self._reset.pop(0)
             elif self._slow:
                 slow = self._slow.pop(0)
             elif self._garble:
@@ -311,9 +342,15 @@ class ApiServer:
             reset = str(int(self.rate_limited_until))
             return error(provider, _too_many(provider),
                          {"X-RateLimit-Limit": "600", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": reset})
-        if fail is not None:
+        if refuse is not None:
+            req.outcome = "refused"
+            return error(provider, refuse)
+        if fail is not None and not fail[1]:
             req.outcome = "failed"
-            return error(provider, Reject(fail, "Internal server error", code="InternalFailure"))
+            return error(provider, Reject(fail[0], "Internal server error", code="InternalFailure"))
+        if reset is False:
+            req.outcome = "reset"
+            return _RESET
         if slow and slow.mode == "before":
             req.outcome = "dropped"  # decided now: it is never processed
             time.sleep(slow.seconds)
@@ -352,6 +389,12 @@ class ApiServer:
                     self._idempotency.pop(key, None)
         if slow and slow.mode == "after":
             time.sleep(slow.seconds)
+        if fail is not None:  # after: taken and recorded, then the error
+            req.outcome = "failed after taking it" if 200 <= status < 300 else req.outcome
+            return error(provider, Reject(fail[0], "Internal server error", code="InternalFailure"))
+        if reset:
+            req.outcome = "reset after taking it" if 200 <= status < 300 else req.outcome
+            return _RESET
         return status, out_headers, payload
 
     def _idempotency_check(self, key: str, req: Request):
@@ -500,6 +543,10 @@ class ApiServer:
         if not isinstance(sender, dict) or not isinstance(sender.get("email"), str) or "@" not in sender["email"]:
             raise Reject(400, "The from object must be provided for every email send. It is an object that requires "
                               "the email parameter, but may also contain a name parameter.", field="from.email")
+        if not self.sender_verified:
+            raise Reject(403, "The from address does not match a verified Sender Identity. Mail cannot be sent until "
+                              "this error is resolved. Visit https://sendgrid.com/docs/for-developers/sending-email/"
+                              "sender-identity/ to see the Sender Identity requirements", field="from")
         content = body.get("content")
         if not isinstance(content, list) or not content or not all(
                 isinstance(c, dict) and isinstance(c.get("type"), str) and isinstance(c.get("value"), str)
@@ -557,9 +604,10 @@ class ApiServer:
             if name.lower() in SENDGRID_RESERVED:
                 raise Reject(400, f"The header '{name}' is reserved and cannot be set.", field="headers")
         addresses = [person["email"] for _, people, _, _ in out for person in people]
-        if bad := self._rejected(addresses):
-            raise Reject(self._reject_status(bad, 400), f"The email address {bad} is on a block list.",
-                         field="personalizations")
+        if bad := self._rejected(addresses):  # as SendGrid names a bad address: by its field, not its words
+            where = next(f"personalizations.{i}.to.{j}.email" for i, (_, people, _, _) in enumerate(out)
+                         for j, person in enumerate(people) if person["email"] == bad)
+            raise Reject(self._reject_status(bad, 400), "Does not contain a valid address.", field=where)
         batch = uuid.uuid4().hex
         received = []
         for p, people, headers, subs in out:
@@ -656,6 +704,10 @@ class ApiServer:
             inactive = [a for _, a in people if self._is_inactive(a)]
             if problem:
                 answers.append({"ErrorCode": problem[0], "Message": problem[1]})
+            elif not self.sender_verified:
+                answers.append({"ErrorCode": 400, "Message": f"The 'From' address you supplied ({item['From']}) is not a "
+                                "Sender Signature on your account. Please add and confirm this address in order to be "
+                                "able to use it in the 'From' field of your messages."})
             elif inactive:
                 answers.append({"ErrorCode": 406, "Message": "You tried to send to a recipient that has been marked "
                                 "as inactive.\nFound inactive addresses: " + ", ".join(inactive) + ".\nInactive "
@@ -684,6 +736,10 @@ class ApiServer:
         if len(batch) > 100:
             raise Reject(422, "Too many emails in the batch: the maximum is 100.", code="validation_error")
         addresses = [a for item in batch if isinstance(item, dict) for _, a in getaddresses(_resend_to(item))]
+        if not self.sender_verified:
+            domain = getaddresses([batch[0].get("from") or ""])[0][1].rpartition("@")[2]
+            raise Reject(403, f"The {domain} domain is not verified. Please, add and verify your domain on "
+                              "https://resend.com/domains", code="validation_error")
         if bad := self._rejected(addresses):
             raise Reject(self._reject_status(bad, 422), f"Invalid `to` field: {bad}", code="validation_error")
         errors, created, received = [], [], []
@@ -745,6 +801,9 @@ class ApiServer:
                 raise Reject(400, f"Duplicate header '{once}'.", code="MessageRejected")
         if not message["From"]:
             raise Reject(400, "Missing required header 'From'.", code="MessageRejected")
+        if not self.sender_verified:
+            raise Reject(400, "Email address is not verified. The following identities failed the check in region "
+                              f"{SES_REGION.upper()}: {body['FromEmailAddress']}", code="MessageRejected")
         if bad := self._rejected(people):
             raise Reject(self._reject_status(bad, 400), "Email address is not verified. The following identities "
                          f"failed the check in region {SES_REGION.upper()}: {bad}", code="MessageRejected")

@@ -1,9 +1,11 @@
 """Sending through the HTTP email APIs (SendGrid, Mailgun, Postmark, Resend, SES) against one
 real loopback server that checks each request against the provider's documented shape,
 auth and limits (api_server.py): every subscriber gets exactly one message of their own,
-batches keep to the limits, 429/5xx/timeouts are retried and then deferred, 4xx and
-per-message errors fail only whom they name, a refused key stops the run with nothing lost
-and never shows the key."""
+batches keep to the limits; only what never reached the provider and 429 are retried (and
+Resend's timeouts and 5xx, under its Idempotency-Key); a lost answer or a 5xx leaves the
+batch uncertain, resent only on request; a refusal that names one recipient fails only them;
+a refusal of the sender, the key or the message stops the run after one request with
+everyone pending, and never shows the key."""
 
 import asyncio
 import html
@@ -11,6 +13,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -240,7 +243,21 @@ def test_batch_size_over_the_provider_limit_is_refused_by_the_settings(tmp_path,
             config_for(api_env(tmp_path, server, provider, batch_size=LIMITS[provider] + 1))
 
 
-# -- retries: 429, 5xx, timeouts, then deferred --------------------------------------------------
+# -- retries: only what never reached the provider, 429, or under Resend's Idempotency-Key ----------
+
+UNSAFE = [p for p in PROVIDERS if p != "resend"]  # no idempotency key: a lost answer is not asked again
+
+
+def fault_of(config, email):
+    with Store(config.store.path) as store:
+        return store.db.execute("SELECT fault FROM deliveries WHERE email = ?", (email,)).fetchone()[0]
+
+
+def suppressed_and_bounced(config):
+    with Store(config.store.path) as store:
+        return ([e for (e,) in store.db.execute("SELECT email FROM suppressions")],
+                [e for (e,) in store.db.execute("SELECT email FROM subscribers WHERE status != 'subscribed'")])
+
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_429_waits_for_retry_after_then_sends(tmp_path, provider):
@@ -257,39 +274,120 @@ def test_429_waits_for_retry_after_then_sends(tmp_path, provider):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_500_is_retried_with_backoff_then_sends(tmp_path, provider):
+def test_429_without_retry_after_backs_off_doubling_then_sends(tmp_path, provider):
     with ApiServer() as server:
-        server.fail(2)
+        server.throttle(2, retry_after=None)
         config = config_for(api_env(tmp_path, server, provider, retry_delay=0.1))
         subscribe(config, ["solo@example.com"])
         summary = send_issue(EXAMPLE, config)
         assert summary.counts["sent"] == 1 and summary.this_run["deferred"] == 0
         assert ledger(config)["solo@example.com"][2] == 1  # one attempt in the ledger: the retries were the client's
-        assert [r.outcome for r in server.requests] == ["failed", "failed", "accepted"]
+        assert [r.outcome for r in server.requests] == ["throttled", "throttled", "accepted"]
         first, second, third = (r.arrived for r in server.requests)
         assert second - first >= 0.9 * 0.1 and third - second >= 0.9 * 0.2  # doubling
         assert server.delivered() == {"solo@example.com": 1}
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_an_answer_slower_than_the_timeout_is_retried(tmp_path, provider):
+@pytest.mark.parametrize("provider", UNSAFE)
+@pytest.mark.parametrize("status", [500, 503])
+def test_a_5xx_is_not_retried_and_leaves_the_batch_uncertain_until_resent_on_request(tmp_path, provider, status):
+    everyone = addresses(3)
     with ApiServer() as server:
-        server.slow(0.6, "before")  # the provider never takes it; the client gives up at 0.3 s
+        server.fail(1, status=status)
+        config = config_for(api_env(tmp_path, server, provider, requests_in_flight=1))
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+        [failed, *rest] = server.requests
+        assert failed.outcome == "failed" and all(r.outcome == "accepted" for r in rest)  # one request, never again
+        uncertain = set(failed.recipients)
+        assert len(uncertain) == (1 if provider == "ses" else 3)
+        states = ledger(config)
+        for address in uncertain:
+            state, reply, attempts = states[address]
+            assert state == "uncertain" and attempts == 1
+            assert reply.startswith(f"{TITLES[provider]} API response {status}: ") and "may have been" in reply
+        assert summary.this_run["uncertain"] == len(uncertain) and summary.counts["uncertain"] == len(uncertain)
+        assert summary.counts["sent"] == 3 - len(uncertain) and not summary.refused
+        with Store(config.store.path) as store:
+            problems = store.problems(ISSUE)
+        assert {(p[0], p[1], p[4]) for p in problems} == {(a, "uncertain", "server") for a in uncertain}
+        assert suppressed_and_bounced(config) == ([], [])
+        again = send_issue(EXAMPLE, config)  # never resent by itself
+        assert again.this_run["sent"] == 0 and len(server.requests) == 1 + len(rest)
+        resent = send_issue(EXAMPLE, config, resend_uncertain=True)  # the author's decision: once each
+        assert resent.requeued == len(uncertain) and resent.counts["sent"] == 3
+        assert server.delivered() == {a: 1 for a in everyone}
+
+
+@pytest.mark.parametrize("provider", UNSAFE)
+def test_a_read_timeout_after_the_body_went_out_leaves_the_batch_uncertain(tmp_path, provider):
+    with ApiServer() as server:
+        server.slow(0.6, "before")  # the whole body is read; no answer comes; the client gives up at 0.3 s
         config = config_for(api_env(tmp_path, server, provider, timeout=0.3))
         subscribe(config, ["solo@example.com"])
         summary = send_issue(EXAMPLE, config)
-        assert summary.counts["sent"] == 1 and summary.this_run["deferred"] == 0  # retried at once, not deferred
-        assert ledger(config)["solo@example.com"][2] == 1
-        assert [r.outcome for r in server.requests] == ["dropped", "accepted"]
-        assert server.requests[1].arrived - server.requests[0].arrived >= 0.9 * 0.3
+        server.wait_idle()
+        assert [r.outcome for r in server.requests] == ["dropped"]
+        state, reply, attempts = ledger(config)["solo@example.com"]
+        assert state == "uncertain" and attempts == 1 and "no answer within 0.3 s (ReadTimeout)" in reply
+        assert summary.this_run == {**summary.this_run, "uncertain": 1, "sent": 0, "deferred": 0}
+        assert send_issue(EXAMPLE, config, resend_uncertain=True).counts["sent"] == 1
         assert server.delivered() == {"solo@example.com": 1}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_connection_reset_after_the_provider_took_the_request(tmp_path, provider):
+    """The provider took it (and would deliver it), then the connection was reset with no answer:
+    without an idempotency key that is uncertain and never sent again by itself; Resend asks again
+    with the same key and gets the first answer, without a second send."""
+    everyone = addresses(2 if provider != "ses" else 1)
+    with ApiServer() as server:
+        server.reset(1, after=True)
+        config = config_for(api_env(tmp_path, server, provider))
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+        server.wait_idle()
+        assert server.delivered() == {a: 1 for a in everyone}  # the provider did send it
+        if provider == "resend":
+            assert [r.outcome for r in server.requests] == ["reset after taking it", "replayed"]
+            assert summary.counts["sent"] == 2 and summary.counts["uncertain"] == 0
+        else:
+            assert [r.outcome for r in server.requests] == ["reset after taking it"]
+            assert summary.counts["uncertain"] == len(everyone) and summary.counts["sent"] == 0
+            for state, reply, _ in ledger(config).values():
+                assert state == "uncertain" and "after the request went out" in reply
+            assert send_issue(EXAMPLE, config).this_run["sent"] == 0  # not by itself: it did arrive
+            assert len(server.requests) == 1 and server.delivered() == {a: 1 for a in everyone}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_connection_that_never_opened_is_retried_then_deferred_and_sent_later(tmp_path, provider):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    nobody = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, not listening: connection refused
+    try:
+        with ApiServer() as server:
+            env = api_env(tmp_path, server, provider, max_retries=2, send={"retry_delay": 30, "max_wait": 0})
+            config = config_for({**env, f"NEWSLETTER_{provider.upper()}_BASE_URL": nobody})
+            subscribe(config, addresses(2))
+            first = send_issue(EXAMPLE, config)
+            assert first.counts["deferred"] == 2 and first.counts["uncertain"] == 0 and not first.refused
+            for state, reply, attempts in ledger(config).values():
+                assert state == "deferred" and attempts == 1
+                assert "not sent: ConnectError" in reply and reply.endswith("(after 3 attempts)")
+            with Store(config.store.path) as store:
+                store.db.execute("UPDATE deliveries SET next_try = 0")
+            second = send_issue(EXAMPLE, config_for(env))
+            assert second.counts["sent"] == 2 and server.delivered() == {a: 1 for a in addresses(2)}
+    finally:
+        closed.close()
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_after_max_retries_the_batch_is_deferred_and_a_later_send_delivers_it(tmp_path, provider):
     everyone = addresses(3)
     with ApiServer() as server:
-        server.fail(3 * len(everyone) if provider == "ses" else 3)
+        server.throttle(3 * len(everyone) if provider == "ses" else 3, retry_after=None)
         env = api_env(tmp_path, server, provider, max_retries=2, requests_in_flight=1,
                       send={"retry_delay": 30, "max_wait": 0})
         config = config_for(env)
@@ -297,14 +395,14 @@ def test_after_max_retries_the_batch_is_deferred_and_a_later_send_delivers_it(tm
         first = send_issue(EXAMPLE, config)
         assert first.this_run["deferred"] == 3 and first.counts["deferred"] == 3 and first.counts["failed"] == 0
         assert first.stopped and "deferred messages are due" in first.stopped
-        assert server.received == [] and all(r.outcome == "failed" for r in server.requests)
+        assert server.received == [] and all(r.outcome == "throttled" for r in server.requests)
         assert len(server.requests) == 3 * (len(everyone) if provider == "ses" else 1)
         with Store(config.store.path) as store:
             problems = store.problems(ISSUE)
         assert [p[0] for p in problems] == everyone
-        for email, state, reply, attempts in problems:
-            assert state == "deferred" and attempts == 1
-            assert reply.startswith(f"{TITLES[provider]} API response 500: ") and reply.endswith("(after 3 attempts)")
+        for email, state, reply, attempts, fault in problems:
+            assert state == "deferred" and attempts == 1 and fault == "server"
+            assert reply.startswith(f"{TITLES[provider]} API response 429: ") and reply.endswith("(after 3 attempts)")
         too_soon = send_issue(EXAMPLE, config)  # not due yet: nothing is sent
         assert too_soon.this_run["sent"] == 0 and too_soon.counts["deferred"] == 3
         assert len(server.requests) == 3 * (len(everyone) if provider == "ses" else 1)
@@ -315,39 +413,134 @@ def test_after_max_retries_the_batch_is_deferred_and_a_later_send_delivers_it(tm
         assert server.delivered() == {a: 1 for a in everyone}
 
 
-# -- errors that fail only whom they name ---------------------------------------------------------
+def test_a_run_whose_every_request_comes_back_uncertain_is_stopped_by_the_breaker(tmp_path):
+    with ApiServer() as server:
+        server.fail(50, status=502)
+        config = config_for(api_env(tmp_path, server, "sendgrid", batch_size=2, requests_in_flight=1,
+                                    send={"breaker": 3}))
+        subscribe(config, addresses(20))
+        summary = send_issue(EXAMPLE, config)
+        assert len(server.requests) == 3  # one request a batch, then the breaker
+        assert summary.counts["uncertain"] == 6 and summary.counts["pending"] == 14 and summary.counts["failed"] == 0
+        assert "--resend-uncertain" in summary.stopped and "SendGrid API response 502" in summary.stopped
+
+
+# -- refusals: whose fault, and what happens ------------------------------------------------------------
 
 EXPECTED_4XX = {
-    "sendgrid": (400, "The email address r4@example.com is on a block list."),
+    "sendgrid": (400, "Does not contain a valid address."),
     "mailgun": (400, "'to' parameter is not a valid address: r4@example.com"),
     "postmark": (422, "Invalid 'To' address: 'r4@example.com'."),
     "resend": (422, "Invalid `to` field: r4@example.com"),
-    "ses": (400, "MessageRejected: Email address is not verified."),
 }
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_a_4xx_fails_that_batch_once_and_the_other_batches_still_go(tmp_path, provider):
+@pytest.mark.parametrize("provider", BATCHED)
+def test_a_4xx_naming_one_recipient_fails_only_them_and_the_rest_of_the_batch_goes_at_once(tmp_path, provider):
     everyone = addresses(9)
     with ApiServer() as server:
         server.reject("r4@example.com")
-        config = config_for(api_env(tmp_path, server, provider, batch_size=min(3, LIMITS[provider])))
+        config = config_for(api_env(tmp_path, server, provider, batch_size=3, requests_in_flight=1))
         subscribe(config, everyone)
         summary = send_issue(EXAMPLE, config)
         [refused] = server.seen("r4@example.com")  # one request, never retried
-        assert refused.outcome == "rejected"
-        failed = set(refused.recipients)
-        assert len(failed) == (1 if provider == "ses" else 3)
-        states = ledger(config)
+        assert refused.outcome == "rejected" and len(refused.recipients) == 3
+        # the other two of its batch went again at once, in a request of their own
+        assert sorted(len(r.recipients) for r in server.accepted()) == [2, 3, 3]
+        state, reply, attempts = ledger(config)["r4@example.com"]
         status, text = EXPECTED_4XX[provider]
-        for address in failed:
-            state, reply, attempts = states[address]
-            assert state == "failed" and attempts == 1
-            assert reply.startswith(f"{TITLES[provider]} API response {status}: ") and text in reply
-        assert server.delivered() == {a: 1 for a in everyone if a not in failed}
-        assert summary.counts["sent"] == 9 - len(failed) and summary.counts["failed"] == len(failed)
-        send_issue(EXAMPLE, config)  # a later run does not retry the failed ones
+        assert state == "failed" and attempts == 1
+        assert reply.startswith(f"{TITLES[provider]} API response {status}: ") and text in reply
+        assert fault_of(config, "r4@example.com") == "recipient"
+        assert suppressed_and_bounced(config) == ([], [])  # malformed for the provider is not "does not exist"
+        assert server.delivered() == {a: 1 for a in everyone if a != "r4@example.com"}
+        assert summary.counts["sent"] == 8 and summary.counts["failed"] == 1 and not summary.refused
+        send_issue(EXAMPLE, config, retry_failed=True)  # the recipient's own failure is not retried
         assert len(server.seen("r4@example.com")) == 1
+
+
+SENDER_WORDS = {
+    "sendgrid": ("SendGrid API response 403: The from address does not match a verified Sender Identity", "SendGrid 403"),
+    "postmark": ("Postmark 400: The 'From' address you supplied", "Postmark 400"),
+    "resend": ("Resend API response 403: The watchman.example domain is not verified", "Resend 403 validation_error"),
+    "ses": ("Amazon SES API response 400: MessageRejected: Email address is not verified. The following identities "
+            "failed the check in region EU-WEST-1: ", "SES MessageRejected"),
+}
+
+
+@pytest.mark.parametrize("provider", list(SENDER_WORDS))
+def test_an_unverified_sender_costs_one_request_and_leaves_everyone_pending(tmp_path, provider):
+    """The issue's headline case (for SES: MessageRejected naming the sender): one request, not one
+    per subscriber or per worker; nobody failed, suppressed or bounced; fixed, a later send reaches
+    everyone once."""
+    everyone = addresses(12)
+    with ApiServer() as server:
+        server.sender_verified = False
+        config = config_for(api_env(tmp_path, server, provider, batch_size=1 if provider == "ses" else 3))
+        assert config.apis[provider].requests_in_flight == 4
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+        assert len(server.requests) == 1 and server.received == []
+        words, code = SENDER_WORDS[provider]
+        assert summary.refused and words in summary.refused and "verify [sender] address" in summary.refused
+        assert summary.counts["pending"] == 12 and summary.this_run == {**summary.this_run, "failed": 0, "sent": 0}
+        assert all(state == "pending" for state, _, _ in ledger(config).values())
+        assert suppressed_and_bounced(config) == ([], [])
+        refused = server.requests[0].recipients
+        for address in refused:
+            assert fault_of(config, address) == "sender" and words in ledger(config)[address][1]
+        server.sender_verified = True  # verified with the provider
+        fixed = send_issue(EXAMPLE, config)
+        assert fixed.counts["sent"] == 12 and not fixed.refused
+        assert_each_has_their_own_message(server, config, everyone)
+
+
+REFUSALS = [  # provider, status, the provider's words, its error name/field, the fault, the stop advice
+    ("sendgrid", 413, "Payload Too Large", None, "message", "refused the message itself"),
+    ("sendgrid", 400, "The subject is required.", "subject", "message", "refused the message itself"),
+    ("mailgun", 400, "'to' parameter is not a valid address. please check documentation", None, "message",
+     "refused the message itself"),
+    ("mailgun", 401, "Forbidden", None, "sender", "refused the API key"),
+    ("resend", 422, "Invalid `from` field. The email address needs to follow the `email@example.com` or "
+     "`Name <email@example.com>` format.", "validation_error", "sender", "sending account"),
+    ("resend", 429, "You have reached your daily email sending quota.", "daily_quota_exceeded", "sender",
+     "will not let this account send now"),
+    ("resend", 409, "This idempotency key has been used on a request with a different payload.",
+     "invalid_idempotent_request", "message", "refused the message itself"),
+    ("postmark", 422, "Invalid JSON", 402, "message", "refused the message itself"),
+    ("postmark", 422, "The message stream 'broadcast' does not exist on this server.", 1235, "sender",
+     "message_stream"),
+    ("ses", 400, "Sending paused for this account.", "SendingPausedException", "sender",
+     "will not let this account send now"),
+    ("ses", 400, "Daily message quota exceeded.", "LimitExceededException", "sender", "will not let this account"),
+    ("ses", 404, "Configuration set <newsletter-events> does not exist.", "NotFoundException", "sender",
+     "configuration_set"),
+    ("ses", 400, "Message contains invalid content (a virus).", "MessageRejected", "message",
+     "refused the message itself"),
+    ("ses", 400, "Invalid Destination.", "BadRequestException", "message", "refused the message itself"),
+]
+
+
+@pytest.mark.parametrize("provider,status,words,name,fault,advice", REFUSALS,
+                         ids=[f"{p}-{s}-{n or s}" for p, s, _, n, _, _ in REFUSALS])
+def test_a_whole_request_refusal_stops_the_run_with_everyone_pending(tmp_path, provider, status, words, name,
+                                                                    fault, advice):
+    with ApiServer() as server:
+        if provider == "sendgrid":
+            server.refuse(status, words, field=name)
+        else:
+            server.refuse(status, words, code=name)
+        config = config_for(api_env(tmp_path, server, provider, batch_size=1 if provider == "ses" else 2))
+        subscribe(config, addresses(6))
+        summary = send_issue(EXAMPLE, config)
+        assert len(server.requests) == 1 and server.received == []  # never retried, nobody else tried
+        assert summary.refused and words in summary.refused and advice in summary.refused, summary.refused
+        assert summary.counts["pending"] == 6 and summary.counts["failed"] == 0
+        assert suppressed_and_bounced(config) == ([], [])
+        for address in server.requests[0].recipients:
+            assert fault_of(config, address) == fault and words in ledger(config)[address][1]
+        assert send_issue(EXAMPLE, config).counts["sent"] == 6  # the provider fixed: everyone, once
+        assert server.delivered() == {a: 1 for a in addresses(6)}
 
 
 def test_postmark_inactive_recipient_is_failed_and_suppressed_while_the_rest_is_sent(tmp_path):
@@ -363,6 +556,7 @@ def test_postmark_inactive_recipient_is_failed_and_suppressed_while_the_rest_is_
         state, reply, _ = states["r2@example.com"]
         assert state == "failed" and reply.startswith("Postmark 406: You tried to send to a recipient that has been "
                                                       "marked as inactive.")
+        assert fault_of(config, "r2@example.com") == "recipient"
         ids = {r.address: r.id for r in server.received}
         for address in ids:  # and each sent one has its own MessageID
             assert states[address][0] == "sent" and ids[address] in states[address][1]
@@ -370,7 +564,7 @@ def test_postmark_inactive_recipient_is_failed_and_suppressed_while_the_rest_is_
             assert store.suppressed("r2@example.com")
             assert dict(store.db.execute("SELECT email, status FROM subscribers WHERE status != 'subscribed'")) == {
                 "r2@example.com": "bounced"}
-        assert summary.counts["sent"] == 4 and summary.counts["failed"] == 1
+        assert summary.counts["sent"] == 4 and summary.counts["failed"] == 1 and not summary.refused
         send_issue(EXAMPLE, config)
         assert len(server.seen("r2@example.com")) == 1
 
@@ -388,9 +582,12 @@ def test_resend_permissive_error_fails_only_that_email(tmp_path):
         states = ledger(config)
         for address in ("r1@example.com", "r3@example.com"):
             assert states[address][:2] == ("failed", f"Resend: The `to` address {address} is on the suppression list.")
+            assert fault_of(config, address) == "recipient"
         for r in server.received:  # the ids in data[] are matched to the right emails around the errors
             assert states[r.address][0] == "sent" and r.id in states[r.address][1]
         assert summary.counts["sent"] == 3 and summary.counts["failed"] == 2
+        # on Resend's suppression list: Resend will never deliver to them, so neither do we
+        assert sorted(suppressed_and_bounced(config)[0]) == ["r1@example.com", "r3@example.com"]
 
 
 # -- the key: refused, missing, never shown -------------------------------------------------------
@@ -406,13 +603,12 @@ def test_a_refused_key_stops_the_run_with_everything_still_pending(tmp_path, pro
             env[f"NEWSLETTER_{provider.upper()}_API_KEY"] = wrong
         config = config_for(env)
         subscribe(config, addresses(7))
-        with pytest.raises(SendError) as caught:
-            send_issue(EXAMPLE, config)
-        text = str(caught.value)
-        assert text.startswith(f"{provider}: ") and f"{TITLES[provider]} API response 40" in text
+        summary = send_issue(EXAMPLE, config)
+        text = summary.refused
+        assert text and f"{TITLES[provider]} API response 40" in text and "refused the API key" in text
         assert wrong not in text and AWS_SECRET not in text and KEYS.get(provider, AWS_SECRET) not in text
-        assert counts(config)["pending"] == 7
-        assert server.received == [] and server.requests
+        assert counts(config)["pending"] == 7 and counts(config)["failed"] == 0
+        assert server.received == [] and len(server.requests) == 1  # the first request goes alone
         assert {r.outcome for r in server.requests} == {"unauthorized"}
         assert all(wrong not in (reply or "") for _, reply, _ in ledger(config).values())
         if provider == "ses":
@@ -447,7 +643,7 @@ def test_the_cli_sends_through_postmark_and_never_prints_the_key(tmp_path):
         subscribe(config_for(env), addresses(4))
         code, out, err = cli(["send", EXAMPLE, "--backend", "postmark"], env)
         assert code == 0, err
-        assert f"{ISSUE}: sent 4, deferred 0, failed 0, skipped 0" in out
+        assert f"{ISSUE}: sent 4, deferred 0, failed 0, uncertain 0, skipped 0" in out
         assert f"postmark {server.url}" in err  # the progress line names where it sends
         code, status_out, status_err = cli(["status", ISSUE], env)
         for text in (out, err, status_out, status_err):
@@ -458,8 +654,44 @@ def test_the_cli_sends_through_postmark_and_never_prints_the_key(tmp_path):
         subscribe(config_for(env), ["late@example.com"])
         code, out, err = cli(["send", EXAMPLE, "--backend", "postmark"], {
             **env, "NEWSLETTER_POSTMARK_API_KEY": wrong})
-        assert code == 2 and "newsletter: postmark: " in err and "Postmark API response 401: The Server API Token" in err
+        assert code == 2 and "stopped: the provider refused the API key" in err
+        assert "Postmark API response 401: The Server API Token" in err and "NEWSLETTER_<BACKEND>_API_KEY" in err
         assert wrong not in out + err and "Traceback" not in err
+        assert counts(config_for(env))["pending"] == 1
+
+
+def test_the_cli_exits_2_when_ses_refuses_the_sender_and_0_once_it_is_verified(tmp_path):
+    with ApiServer() as server:
+        server.sender_verified = False
+        env = api_env(tmp_path, server, "ses")
+        subscribe(config_for(env), addresses(5))
+        code, out, err = cli(["send", EXAMPLE], env)
+        assert code == 2, (out, err)
+        assert "stopped: the provider has not verified the sender: verify [sender] address" in err
+        assert "MessageRejected: Email address is not verified" in err and "Traceback" not in err
+        assert "ledger (deliveries): 0 sent, 5 pending, 0 deferred, 0 failed, 0 uncertain, 0 skipped" in out
+        assert len(server.requests) == 1
+        server.sender_verified = True
+        code, out, err = cli(["send", EXAMPLE], env)
+        assert code == 0, err
+        assert server.delivered() == {a: 1 for a in addresses(5)}
+
+
+def test_the_cli_exits_1_while_uncertain_messages_wait_for_a_decision(tmp_path):
+    with ApiServer() as server:
+        server.fail(1, status=500)
+        env = api_env(tmp_path, server, "sendgrid", batch_size=2, requests_in_flight=1)
+        subscribe(config_for(env), addresses(4))
+        code, out, err = cli(["send", EXAMPLE], env)
+        assert code == 1, (out, err)
+        assert f"{ISSUE}: sent 2, deferred 0, failed 0, uncertain 2, skipped 0" in out and "Traceback" not in err
+        code, status_out, _ = cli(["status", ISSUE], env)
+        assert code == 1 and "--resend-uncertain" in status_out and "SendGrid API response 500" in status_out
+        code, out, err = cli(["send", EXAMPLE], env)  # by itself: nothing more
+        assert code == 1 and len(server.requests) == 2
+        code, out, err = cli(["send", EXAMPLE, "--resend-uncertain"], env)
+        assert code == 0, err
+        assert server.delivered() == {a: 1 for a in addresses(4)}
 
 
 # -- Resend: rate limit and Idempotency-Key --------------------------------------------------------
@@ -531,8 +763,10 @@ def test_resend_crashed_send_resumes_with_the_same_keys_and_does_not_send_twice(
         keys = [r.idempotency_key for r in server.requests]
         with Store(config.store.path) as store:  # as if killed before any answer was recorded
             store.db.execute("UPDATE deliveries SET state = 'sending'")
-        resumed = send_issue(EXAMPLE, config)
-        assert sorted(resumed.resent_in_flight) == everyone
+        resumed = send_issue(EXAMPLE, config)  # in flight: uncertain, not sent again by itself
+        assert sorted(resumed.found_in_flight) == everyone and resumed.counts["uncertain"] == 4
+        assert len(server.requests) == 2
+        resumed = send_issue(EXAMPLE, config, resend_uncertain=True)
         assert [r.outcome for r in server.requests[2:]] == ["replayed", "replayed"]
         assert [r.idempotency_key for r in server.requests[2:]] == keys
         assert server.delivered() == {a: 1 for a in everyone}
@@ -609,16 +843,17 @@ def test_mailgun_unknown_domain_stops_the_run_with_everyone_still_pending(tmp_pa
         config = config_for({**api_env(tmp_path, server, "mailgun", batch_size=2),
                              "NEWSLETTER_MAILGUN_DOMAIN": "mg.example.org"})
         subscribe(config, addresses(5))
-        with pytest.raises(SendError, match="Mailgun API response 404: Domain not found: mg.example.org"):
-            send_issue(EXAMPLE, config)
-        assert {r.status for r in server.requests} == {404}
-        assert counts(config)["pending"] == 5
+        summary = send_issue(EXAMPLE, config)
+        assert "Mailgun API response 404: Domain not found: mg.example.org" in summary.refused
+        assert "[mailgun] domain" in summary.refused
+        assert [r.status for r in server.requests] == [404]  # the first request goes alone
+        assert counts(config)["pending"] == 5 and counts(config)["failed"] == 0
 
 
 # -- resuming ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_rows_left_sending_are_resent_and_counted_once(tmp_path, provider):
+def test_rows_left_sending_become_uncertain_and_are_resent_once_on_request(tmp_path, provider):
     everyone = addresses(6)
     with ApiServer() as server:
         config = config_for(api_env(tmp_path, server, provider))
@@ -629,12 +864,19 @@ def test_rows_left_sending_are_resent_and_counted_once(tmp_path, provider):
             store.db.execute("UPDATE deliveries SET state = 'sending', attempts = 1"
                              " WHERE email IN ('r2@example.com', 'r3@example.com')")
         summary = send_issue(EXAMPLE, config)
-        assert summary.resent_in_flight == ["r2@example.com", "r3@example.com"]
+        assert summary.found_in_flight == ["r2@example.com", "r3@example.com"]
+        assert server.delivered() == {a: 1 for a in everyone[4:]}  # they may have been delivered: not by itself
+        assert summary.this_run["sent"] == 2
+        assert summary.counts == {"pending": 0, "sending": 0, "sent": 4, "deferred": 0, "failed": 0, "skipped": 0,
+                                  "uncertain": 2}
+        for address in ("r2@example.com", "r3@example.com"):
+            assert ledger(config)[address][0] == "uncertain"
+        resent = send_issue(EXAMPLE, config, resend_uncertain=True)
+        assert resent.requeued == 2 and resent.this_run["sent"] == 2
         assert server.delivered() == {a: 1 for a in everyone[2:]}
-        assert summary.this_run["sent"] == 4
-        assert summary.counts == {"pending": 0, "sending": 0, "sent": 6, "deferred": 0, "failed": 0, "skipped": 0}
+        assert resent.counts == {**resent.counts, "sent": 6, "uncertain": 0}
         states = ledger(config)
-        assert states["r2@example.com"][2] == 2 and states["r4@example.com"][2] == 1
+        assert states["r2@example.com"][2] == 1 and states["r4@example.com"][2] == 1  # counted afresh once requeued
 
 
 # -- known gaps, against the real server ---------------------------------------------------------------
@@ -653,7 +895,7 @@ def test_sendgrid_429_waits_for_x_ratelimit_reset(tmp_path):
 # Regression: deferral jitter was once drawn per row, splitting a deferred batch.
 def test_a_deferred_batch_is_retried_as_one_batch(tmp_path):
     with ApiServer() as server:
-        server.fail(3)
+        server.throttle(3, retry_after=None)
         config = config_for(api_env(tmp_path, server, "postmark", max_retries=2, send={"retry_delay": 0.5}))
         subscribe(config, addresses(40))
         summary = send_issue(EXAMPLE, config)
@@ -966,14 +1208,15 @@ def test_the_progress_line_counts_every_message_of_a_batch(tmp_path):
     import io
     from newsletter.progress import ProgressLine
     with ApiServer() as server:
-        server.reject("r3@example.com")  # its whole batch of 40 fails, one reply for all
-        config = config_for(api_env(tmp_path, server, "sendgrid", batch_size=40))
+        server.throttle(1, retry_after=600)  # the first batch of 40 is deferred, one reply for all
+        config = config_for(api_env(tmp_path, server, "sendgrid", batch_size=40, requests_in_flight=1,
+                                    send={"max_wait": 0}))
         subscribe(config, addresses(100))
         stream = io.StringIO()
         summary = send_issue(EXAMPLE, config, progress=ProgressLine(stream=stream))
-        assert summary.this_run["sent"] == 60 and summary.this_run["failed"] == 40
+        assert summary.this_run["sent"] == 60 and summary.this_run["deferred"] == 40
         last = stream.getvalue().strip().splitlines()[-1]
-        assert " 100/100 " in last and last.endswith("failed 40 sent 60"), last
+        assert " 100/100 " in last and last.endswith("deferred 40 sent 60"), last
 
 
 def test_a_json_array_body_is_written_a_chunk_at_a_time(monkeypatch):
@@ -995,7 +1238,7 @@ def test_a_deferred_batch_of_rows_with_different_attempt_counts_records_each_by_
     attempts = {"r0@example.com": 0, "r1@example.com": 1, "r2@example.com": 2, "r3@example.com": 4,
                 "r4@example.com": 0}
     with ApiServer() as server:
-        server.fail(3)
+        server.throttle(3, retry_after=None)
         config = config_for(api_env(tmp_path, server, "postmark", max_retries=2,
                                     send={"retry_delay": 100, "max_wait": 0, "max_attempts": 5}))
         subscribe(config, list(attempts))
@@ -1013,7 +1256,7 @@ def test_a_deferred_batch_of_rows_with_different_attempt_counts_records_each_by_
                     store.db.execute("SELECT email, state, reply, attempts, next_try FROM deliveries")}
     state, reply, count, _ = rows["r3@example.com"]
     assert state == "failed" and count == 5
-    assert reply.startswith("gave up after 5 attempts; last reply: Postmark API response 500: ")
+    assert reply.startswith("gave up after 5 attempts; last reply: Postmark API response 429: ")
     delays = {}
     for address in ("r0@example.com", "r1@example.com", "r2@example.com", "r4@example.com"):
         state, reply, count, next_try = rows[address]
@@ -1037,3 +1280,41 @@ def test_postmark_and_resend_requests_are_streamed_with_their_length_up_front(tm
     assert [item["to"] if provider == "resend" else item["To"] for item in json.loads(bytes(spec.content))] == [
         [f'"Reader {i}" <r{i}@example.com>'] if provider == "resend" else f'"Reader {i}" <r{i}@example.com>'
         for i in range(3)]
+
+
+# -- SES against moto (an independent SES v2 implementation), when installed ---------------------------
+
+@pytest.fixture
+def moto_ses(monkeypatch):
+    """moto's SES v2 server on loopback: (its URL, a botocore sesv2 client for it)."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    import botocore.session
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    client = botocore.session.get_session().create_client(
+        "sesv2", region_name=SES_REGION, endpoint_url=url, aws_access_key_id=AWS_KEY_ID,
+        aws_secret_access_key=AWS_SECRET)
+    try:
+        yield url, client
+    finally:
+        server.stop()
+
+
+def test_ses_against_moto_an_unverified_sender_stops_the_run_then_a_verified_one_sends(tmp_path, moto_ses):
+    url, client = moto_ses
+    with ApiServer() as unused:  # api_env wants a server; moto is the one that answers
+        env = {**api_env(tmp_path, unused, "ses", batch_size=1), "NEWSLETTER_SES_BASE_URL": url}
+    config = config_for(env)
+    subscribe(config, addresses(6))
+    summary = send_issue(EXAMPLE, config)
+    assert summary.refused and "MessageRejected" in summary.refused and config.sender.address in summary.refused
+    assert summary.counts["pending"] == 6 and summary.counts["failed"] == 0
+    assert suppressed_and_bounced(config) == ([], [])
+    assert {fault_of(config, a) for a in addresses(6)} <= {"sender", None}
+    client.create_email_identity(EmailIdentity=config.sender.address)  # moto verifies it at once
+    fixed = send_issue(EXAMPLE, config)
+    assert fixed.counts["sent"] == 6 and not fixed.refused
+    for state, reply, _ in ledger(config).values():
+        assert state == "sent" and reply.startswith("200 MessageId ")

@@ -5,14 +5,32 @@ Here, once for all providers: the httpx client (one per send, its connections re
 timeouts, the number of requests in flight (one worker each), a requests-per-second
 limit shared by the workers, retries, error decoding, and the API key check.
 
-Retries: 429 waits for Retry-After (or the provider's reset header) when it says, else
-backs off; 5xx, timeouts and connection errors back off exponentially with jitter, up to
-``max_retries``. Beware that a provider may have accepted a request whose answer was
-lost: only Resend's Idempotency-Key makes such a retry safe (see resend.py). Other 4xx:
-the batch's recipients fail with the provider's own words, and are not retried. After the
-last retry the batch is deferred, for the next pass or run. 401 and 403 (and what a
-provider says is a settings problem, like Mailgun's unknown domain) stop the run: every
-other batch would fail the same way, so everyone else stays pending.
+No blind retries. A request is sent again on its own only when it certainly did not
+reach the provider, or when an idempotency key makes a repeat harmless:
+
+    what happened                                  retried by the worker?  if not, or out of tries
+    ---------------------------------------------  ----------------------  ------------------------
+    ConnectError, ConnectTimeout, PoolTimeout,     yes, with backoff       deferred (later pass/run)
+    ProxyError: no connection to the provider
+    WriteError, WriteTimeout: the body never       yes, with backoff       deferred
+    arrived whole (its Content-Length was not
+    met), and no provider acts on half a body
+    429 (Retry-After, SendGrid X-RateLimit-Reset)  yes, waits as told      deferred (at that time)
+    ReadTimeout, ReadError, RemoteProtocolError:   only with an            uncertain: never resent by
+    the body went out, the answer was lost         idempotency key         itself (send --resend-uncertain)
+    5xx: the provider may have acted before        only with an            uncertain
+    failing                                        idempotency key
+    401, 403, 404 (key, sender, domain, URL)       no                      the run stops (sender)
+    other 4xx                                      no                      the run stops (message), or
+                                                                           fails the one recipient it names
+
+Only Resend has an Idempotency-Key (``idempotent``): the same key and body get the first
+answer again without a second send, so its timeouts and 5xx are retried (see resend.py).
+Each provider module classifies its own error answers (``refusal``) and per-message
+results into outcome.Outcome, with the fault (recipient, message, sender, server), a
+``code`` ("SES MessageRejected", "Postmark 406") and the provider's own words; outcome.py
+decides what each does to the ledger and the run. The first request of a run goes out
+alone: a refused key or sender costs one request, not one per worker.
 """
 
 from __future__ import annotations
@@ -30,10 +48,13 @@ import httpx
 from ..config import Api
 from ..errors import SendError
 from ..message import Message
+from ..outcome import MESSAGE, RECIPIENT, SENDER, SERVER, uncertain
 from .base import DEFERRED, FAILED, SENT, Backend, Outcome, Worker
 
 MAX_RETRY_AFTER = 120.0  # a longer wait than this defers the batch instead
-RETRY, STOP, FAIL = "retry", "stop", "fail"
+# Raised before the provider can have seen the whole request: safe to send again.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError,
+            httpx.WriteError, httpx.WriteTimeout)
 
 
 @dataclass
@@ -142,6 +163,7 @@ class HttpBackend(Backend):
 
     title = "API"  # how the provider is named in messages: "Postmark API response 422: ..."
     needs_key = True
+    idempotent = False  # a repeated request cannot send twice (Resend's Idempotency-Key)
 
     def __init__(self, settings: Api):
         self.settings = settings
@@ -149,6 +171,9 @@ class HttpBackend(Backend):
         self.batch_size = settings.batch_size
         self.limiter = RateLimiter(settings.requests_per_second)
         self.client: httpx.AsyncClient | None = None
+        self.gate: asyncio.Event | None = None  # open once the run's first request is answered
+        self.probing = False
+        self.first_refusal: Outcome | None = None  # the first answer stopped the run
 
     # -- what a provider fills in ---------------------------------------------------------------
 
@@ -176,15 +201,43 @@ class HttpBackend(Backend):
                                      for e in value) if isinstance(value, list) else str(value)
         return json.dumps(body)[:500]
 
-    def verdict(self, response: httpx.Response) -> str:
-        """What an error answer means: RETRY (later, it may pass), STOP (a settings
-        problem: every batch would fail alike, so end the run with the rest pending), or
-        FAIL (this batch's recipients, for good). Providers refine it."""
-        if response.status_code == 429 or response.status_code >= 500:
-            return RETRY
-        if response.status_code in (401, 403):
-            return STOP
-        return FAIL
+    def refusal(self, response: httpx.Response, messages: list[Message]) -> tuple[Outcome, int | None]:
+        """What an error answer means, and the index of the one message it concerns (None:
+        the whole request). A DEFERRED outcome is retried by the worker. Providers refine it
+        and fall back on this."""
+        status = response.status_code
+        text = self.error_text(response)
+        if status == 429:
+            return Outcome(DEFERRED, self.reply(status, text), SERVER, retry_after=self.retry_after(response),
+                           code=f"{self.title} 429"), None
+        if status >= 500:
+            return self.lost_answer(self.reply(status, text), f"{self.title} HTTP {status}"), None
+        if status in (401, 403, 404) or status < 400:
+            # the key, the sender, the domain or the URL: every batch would get the same answer
+            return self.refused(SENDER, status, text), None
+        index = self.named_recipient(text, messages)
+        if index is not None:
+            return self.refused(RECIPIENT, status, text), index
+        return self.refused(MESSAGE, status, text), None  # the request's shape: the same for every batch
+
+    def reply(self, status: int, text: str) -> str:
+        return f"{self.title} API response {status}: {text}"
+
+    def refused(self, fault: str, status: int, text: str, code: str | None = None, suppress: bool = False) -> Outcome:
+        return Outcome(FAILED, self.reply(status, text), fault, suppress=suppress, code=code or f"{self.title} {status}")
+
+    def lost_answer(self, reply: str, code: str) -> Outcome:
+        """The request went out and no clear answer came back: it may have been delivered."""
+        if self.idempotent:
+            return Outcome(DEFERRED, reply, SERVER, code=code)  # asking again with the same key is harmless
+        return uncertain(f"{reply}; it may have been delivered", code)
+
+    @staticmethod
+    def named_recipient(text: str, messages: list[Message]) -> int | None:
+        """The index of the one message whose address the provider's words name, if exactly one."""
+        lowered = text.lower()
+        found = [i for i, m in enumerate(messages) if m.recipient.lower() in lowered]
+        return found[0] if len(found) == 1 else None
 
     def sign(self, request: httpx.Request) -> httpx.Request:
         """A last look at the finished request (SES signs it here)."""
@@ -211,6 +264,7 @@ class HttpBackend(Backend):
                 limits=httpx.Limits(max_connections=self.connections, max_keepalive_connections=self.connections),
                 follow_redirects=False,
             )
+            self.gate, self.probing, self.first_refusal = asyncio.Event(), False, None
         return HttpWorker(self)
 
     async def close(self) -> None:
@@ -246,14 +300,33 @@ class HttpWorker(Worker):
         return (await self.send_batch([message]))[0]
 
     async def send_batch(self, messages: list[Message]) -> list[Outcome]:
+        backend = self.backend
+        gate = backend.gate
+        if gate is not None:  # the run's first request goes alone; the others wait for its answer
+            if not backend.probing:
+                backend.probing = True
+                try:
+                    outcomes = await self.request(messages)
+                    backend.first_refusal = next((o for o in outcomes if o.stops_run), None)
+                    return outcomes
+                finally:
+                    backend.gate = None
+                    gate.set()
+            await gate.wait()
+            if (refusal := backend.first_refusal) is not None:  # the run stops: this batch was not sent
+                return [Outcome(refusal.state, f"not sent: {refusal.reply}", refusal.fault, code=refusal.code)
+                        ] * len(messages)
+        return await self.request(messages)
+
+    async def request(self, messages: list[Message]) -> list[Outcome]:
         backend, settings = self.backend, self.backend.settings
         spec = None
-        reason, wait = "no answer", None
+        outcome = Outcome(DEFERRED, "not sent", SERVER)
         for attempt in range(settings.max_retries + 1):
             if attempt:
+                wait = outcome.retry_after
                 delay = wait if wait is not None else settings.retry_delay * 2 ** (attempt - 1)
                 await asyncio.sleep(delay * random.uniform(1.0, 1.25))
-            wait = None
             # The request is built (and signed) only once this worker holds a slot: with a
             # rate limit, one worker builds at a time and its request leaves at once,
             # instead of everyone's building holding up the request whose turn it is.
@@ -263,26 +336,35 @@ class HttpWorker(Worker):
                 spec.method, spec.path, json=spec.json, data=spec.data, content=spec.content, headers=spec.headers))
             try:
                 response = await backend.client.send(request)
-            except httpx.TimeoutException:
-                reason = f"no answer within {settings.timeout:g} s"
+            except NOT_SENT as exc:
+                outcome = Outcome(DEFERRED, f"{backend.title}: not sent: {_describe(exc, settings.timeout)}", SERVER,
+                                  code=f"{backend.title} unreachable")
                 continue
-            except httpx.TransportError as exc:
-                reason = f"connection failed: {exc or type(exc).__name__}"
-                continue
-            status = response.status_code
-            if 200 <= status < 300:
+            except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:  # our settings or our request
+                raise SendError(f"{backend.name}: cannot send to {backend.base_url()}: {exc}") from exc
+            except httpx.TransportError as exc:  # the request went out; its answer was lost
+                what = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection lost"
+                outcome = backend.lost_answer(f"{backend.title}: {_describe(exc, settings.timeout)} after the "
+                                              "request went out", f"{backend.title} {what}")
+                if outcome.state == DEFERRED:
+                    continue
+                return [outcome] * len(messages)
+            if response.is_success:
                 return backend.results(response, messages)
-            text = backend.error_text(response)
-            reason = f"{backend.title} API response {status}: {text}"
-            verdict = backend.verdict(response)
-            if verdict == STOP:
-                what = "the API key (or the sender) was refused" if status in (401, 403) else "the settings are wrong"
-                raise SendError(f"{backend.name}: {what}: {reason}")
-            if verdict == FAIL:
-                return [Outcome(FAILED, reason)] * len(messages)
-            wait = backend.retry_after(response)
-            if wait is not None and wait > MAX_RETRY_AFTER:
+            outcome, index = backend.refusal(response, messages)
+            if index is not None:  # one recipient refused, and with it the request: the others go again now
+                others = await self.request(messages[:index] + messages[index + 1:]) if len(messages) > 1 else []
+                return others[:index] + [outcome] + others[index:]
+            if outcome.state != DEFERRED:
+                return [outcome] * len(messages)
+            if outcome.retry_after is not None and outcome.retry_after > MAX_RETRY_AFTER:
                 break
         tries = f"{attempt + 1} attempt{'s' * (attempt > 0)}"
-        return [Outcome(DEFERRED, f"{reason} (after {tries})", retry_after=wait)] * len(messages)
+        return [Outcome(DEFERRED, f"{outcome.reply} (after {tries})", SERVER, retry_after=outcome.retry_after,
+                        code=outcome.code)] * len(messages)
 
+
+def _describe(exc: httpx.TransportError, timeout: float) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer within {timeout:g} s ({type(exc).__name__})"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

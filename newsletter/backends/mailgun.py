@@ -9,8 +9,17 @@ https://api.eu.mailgun.net for an EU domain. ``%recipient.x%`` is replaced per r
 the bodies, the subject and ``h:`` headers, which carries each one's List-Unsubscribe,
 Message-Id and merge fields (``%recipient.m0t_<nonce>%``, raw for the text and the
 subject, ``m0h_<nonce>`` escaped for the HTML; a random nonce per issue, so that no
-subscriber's value can name another variable). Answer: 200 ``{"id": ..., "message": "Queued. Thank you."}`` for the whole
-batch; errors ``{"message": ...}``.
+subscriber's value can name another variable). Answer: 200 ``{"id": ..., "message":
+"Queued. Thank you."}`` for the whole batch; errors ``{"message": ...}`` (a bad key: 401
+and a plain "Forbidden").
+
+Errors (https://documentation.mailgun.com/docs/mailgun/quickstart-guide/responses): 400 "a
+JSON response with a message key" -> the message (the same request shape would fail every
+batch), or the one recipient whose address it names; 401/403 "auth error or access denied"
+-> the sender (the key): the run stops; 404 "resource not found", here the sending domain
+(a typo, or a domain of the other region) -> the sender (settings): the run stops; 429
+"retry as defined in the response" -> retried; 500 "internal error" -> uncertain (Mailgun
+has no idempotency key: a retry could send the batch twice). The shared rules are in http.py.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from ..errors import SendError
 from ..message import Message, MessageFactory
 from ..render import PLACEHOLDERS
 from .base import SENT, Outcome
-from .http import STOP, ApiRequest, HttpBackend, json_body
+from .http import ApiRequest, HttpBackend, json_body
 
 
 class Backend(HttpBackend):
@@ -86,10 +95,6 @@ class Backend(HttpBackend):
                 fields.append(("h:Reply-To", factory.reply_to))
             self._shared = (factory, _Form(fields), names)
         return self._shared[1]
-
-    def verdict(self, response: httpx.Response) -> str:
-        # 404: no such domain here (a typo, or a domain of the other region): settings.
-        return STOP if response.status_code == 404 else super().verdict(response)
 
     def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
         body = json_body(response)

@@ -8,8 +8,24 @@ through a Broadcast stream (``message_stream``). Note: on a stream where Postmar
 unsubscribes it replaces List-Unsubscribe with its own; ask Postmark to let the stream
 "manage unsubscribes on your own" so that ours (signed, RFC 8058) reach the reader.
 Answer: HTTP 200 with one ``{"ErrorCode", "Message", "MessageID", "To"}`` a message:
-ErrorCode 0 is accepted; 406 is an inactive (suppressed) recipient, which we suppress
-too. A whole-request error is 422 ``{"ErrorCode", "Message"}``.
+ErrorCode 0 is accepted. A whole-request error is 422 ``{"ErrorCode", "Message"}``; a bad
+token is 401 (ErrorCode 10).
+
+ErrorCodes (https://postmarkapp.com/developer/api/overview#error-codes, and the support
+articles "What does Error Code 300 mean" and "Troubleshooting 422 errors"), per message or
+for the whole request alike:
+    406 inactive recipient (hard bounce or spam complaint) -> the recipient: failed, suppressed
+    300 invalid email request: by its words: the 'From' address or "not a verified sender
+        signature" -> the sender; the 'To' address -> that recipient (failed, not suppressed:
+        Postmark's address rules are stricter than ours); else (no body, over 50 recipients)
+        -> the message
+    10 bad token, 400 sender signature not found, 401 sender signature not confirmed, 405 not
+        allowed to send, 412 account pending, 413 account may not send, 1235/1236 message
+        stream not found or not usable here -> the sender: the run stops
+    402 invalid JSON, 403 incompatible JSON, 409 JSON required, 410 too many batch messages,
+        411 forbidden attachment -> the message: the run stops
+    any other code -> failed, nobody's fault we know of (never suppressed; --retry-failed)
+HTTP 429 is retried; 5xx is uncertain (no idempotency key).
 """
 
 from __future__ import annotations
@@ -17,10 +33,13 @@ from __future__ import annotations
 import httpx
 
 from ..message import Message
+from ..outcome import MESSAGE, RECIPIENT, SENDER, SERVER
 from .base import FAILED, SENT, Outcome
-from .http import ApiRequest, HttpBackend, json_object
+from .http import ApiRequest, HttpBackend, json_body, json_object
 
-INACTIVE_RECIPIENT = 406
+INACTIVE_RECIPIENT, INVALID_REQUEST = 406, 300
+SENDER_CODES = {10, 400, 401, 405, 412, 413, 1235, 1236}
+MESSAGE_CODES = {402, 403, 409, 410, 411}
 
 
 class Backend(HttpBackend):
@@ -61,11 +80,40 @@ class Backend(HttpBackend):
             return [Outcome(SENT, f"{response.status_code}, but an unexpected answer: {response.text[:200]}")
                     ] * len(messages)
         outcomes = []
-        for answer in answers:
-            code = answer.get("ErrorCode")
-            text = f"Postmark {code}: {answer.get('Message', '')}".strip()
+        for answer, message in zip(answers, messages):
+            code = answer.get("ErrorCode") if isinstance(answer, dict) else None
             if code == 0:
-                outcomes.append(Outcome(SENT, f"{text} {answer.get('MessageID', '')}".strip()))
+                outcomes.append(Outcome(SENT, f"Postmark 0: {answer.get('Message', '')} {answer.get('MessageID', '')}"))
             else:
-                outcomes.append(Outcome(FAILED, text, suppress=code == INACTIVE_RECIPIENT))
+                text = answer.get("Message", "") if isinstance(answer, dict) else str(answer)
+                outcomes.append(Outcome(FAILED, f"Postmark {code}: {text}", _fault(code, text, message.recipient),
+                                        suppress=code == INACTIVE_RECIPIENT, code=f"Postmark {code}"))
         return outcomes
+
+    def refusal(self, response: httpx.Response, messages: list[Message]) -> tuple[Outcome, int | None]:
+        status, code = response.status_code, json_body(response).get("ErrorCode")
+        if status != 422 or not isinstance(code, int):
+            return super().refusal(response, messages)
+        text = self.error_text(response)
+        index = self.named_recipient(text, messages)
+        fault = _fault(code, text, messages[index].recipient if index is not None else "")
+        if fault == RECIPIENT and index is None:  # a recipient's error that names none of ours: suppress nobody
+            fault = SERVER
+        outcome = self.refused(fault, status, text, code=f"Postmark {code}",
+                               suppress=fault == RECIPIENT and code == INACTIVE_RECIPIENT)
+        return outcome, index if fault == RECIPIENT else None
+
+
+def _fault(code, text: str, recipient: str) -> str:
+    if code == INACTIVE_RECIPIENT:
+        return RECIPIENT
+    if code in SENDER_CODES:
+        return SENDER
+    if code == INVALID_REQUEST:
+        lowered = text.lower()
+        if "'from'" in lowered or "sender signature" in lowered:
+            return SENDER
+        if recipient and recipient.lower() in lowered:
+            return RECIPIENT
+        return MESSAGE
+    return MESSAGE if code in MESSAGE_CODES else SERVER

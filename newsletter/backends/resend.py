@@ -10,6 +10,23 @@ so a retried request, or the same batch after a crash, cannot send twice. With
 ``x-batch-validation: permissive`` one bad email does not stop the rest: the answer's
 ``errors`` list names it by index. Answer: 200 ``{"data": [{"id"}...], "errors": [...]}``;
 errors ``{"statusCode", "message", "name"}``.
+
+Retries: thanks to the key, a timeout, a lost connection, a 5xx and 409
+``concurrent_idempotent_requests`` ("the original request is still in progress") are all
+retried with the same key and body; out of tries, the batch is deferred and goes again
+under the same key. Errors (https://resend.com/docs/api-reference/errors and the
+knowledge-base page "403 error domain mismatch"):
+    401 missing_api_key / restricted_api_key, 403 invalid_api_key, 403 validation_error
+        ("The example.com domain is not verified", "You can only send testing emails to
+        your own email address") -> the sender: the run stops
+    422 invalid_from_address, or validation_error naming `from` -> the sender
+    429 daily_quota_exceeded / monthly_quota_exceeded -> the sender (retrying cannot help);
+        429 rate_limit_exceeded -> retried after retry-after
+    400/422 naming one of the batch's addresses -> that recipient, the others go again;
+        any other 4xx (invalid_idempotent_request, invalid_idempotency_key, ...) -> the message
+    permissive ``errors[]`` by index: naming `from` or an unverified domain -> the sender;
+        naming `to` or the address -> that recipient, failed and suppressed only when it says
+        the address does not exist or is on Resend's suppression list; else -> the message
 """
 
 from __future__ import annotations
@@ -20,13 +37,20 @@ import secrets
 import httpx
 
 from ..message import Message
-from .base import FAILED, SENT, Outcome
-from .http import RETRY, ApiRequest, HttpBackend, json_body, json_object
+import re
+
+from ..outcome import MESSAGE, RECIPIENT, SENDER, SERVER
+from .base import DEFERRED, FAILED, SENT, Outcome
+from .http import ApiRequest, HttpBackend, json_body, json_object
+
+_SENDER = re.compile(r"`from`|domain is not verified|verify your domain|testing emails", re.I)
+_GONE = re.compile(r"does not exist|suppression list|suppressed", re.I)  # the address itself: never again
 
 
 class Backend(HttpBackend):
     name = "resend"
     title = "Resend"
+    idempotent = True
 
     def build(self, messages: list[Message]) -> ApiRequest:
         factory = messages[0].factory
@@ -49,12 +73,20 @@ class Backend(HttpBackend):
         return ApiRequest.json_array("/emails/batch", emails,
                                      {"Idempotency-Key": key, "x-batch-validation": "permissive"})
 
-    def verdict(self, response: httpx.Response) -> str:
-        # 409 concurrent_idempotent_requests: the first request with this key is still
-        # running; asking again later returns its answer.
-        if response.status_code == 409 and "concurrent" in response.text:
-            return RETRY
-        return super().verdict(response)
+    def refusal(self, response: httpx.Response, messages: list[Message]) -> tuple[Outcome, int | None]:
+        status, name = response.status_code, str(json_body(response).get("name", ""))
+        text = self.error_text(response)
+        code = f"Resend {status} {name}".strip()
+        if status == 409 and name == "concurrent_idempotent_requests":
+            # the first request with this key is still running; asking again later returns its answer
+            return Outcome(DEFERRED, self.reply(status, text), SERVER, code=code), None
+        if status == 429 and "quota" in name:
+            return self.refused(SENDER, status, text, code), None
+        if status in (400, 422) and (name == "invalid_from_address" or _SENDER.search(text)):
+            return self.refused(SENDER, status, text, code), None
+        outcome, index = super().refusal(response, messages)
+        return (Outcome(outcome.state, outcome.reply, outcome.fault, retry_after=outcome.retry_after, code=code)
+                if outcome.state == FAILED else outcome), index
 
     def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
         body = json_body(response)
@@ -63,11 +95,21 @@ class Backend(HttpBackend):
         outcomes = []
         for index in range(len(messages)):
             if index in errors:
-                outcomes.append(Outcome(FAILED, f"Resend: {errors[index]}"))
+                outcomes.append(_item_error(str(errors[index]), messages[index].recipient))
             else:
                 item = next(created, {}) or {}
                 outcomes.append(Outcome(SENT, f"{response.status_code} {item.get('id', 'accepted')}"))
         return outcomes
+
+
+def _item_error(text: str, recipient: str) -> Outcome:
+    """One email of a permissive batch refused, in Resend's words."""
+    reply = f"Resend: {text}"
+    if _SENDER.search(text):
+        return Outcome(FAILED, reply, SENDER, code="Resend errors[] from")
+    if "`to`" in text or recipient.lower() in text.lower():
+        return Outcome(FAILED, reply, RECIPIENT, suppress=bool(_GONE.search(text)), code="Resend errors[] to")
+    return Outcome(FAILED, reply, MESSAGE, code="Resend errors[]")
 
 
 def _list(value) -> list:

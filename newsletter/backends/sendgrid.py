@@ -12,12 +12,22 @@ own ``subject``. Subscription and click tracking are turned off, or
 SendGrid would add its own List-Unsubscribe and rewrite the links.
 Answer: 202 with an empty body for the whole request; no per-recipient results (bounces
 come later, by webhook). Errors: ``{"errors": [{"message": ..., "field": ...}]}``.
+
+Errors (https://www.twilio.com/docs/sendgrid/api-reference/how-to-use-the-sendgrid-v3-api/responses
+and .../errors; Twilio error 60222): 401 "requires authentication" -> the sender (the key);
+403 "From address doesn't match Verified Sender Identity" or "temporarily blocked from
+sending due to repeated bad requests" -> the sender: the run stops; 413 "payload too
+large" -> the message; 400 whose ``field`` is one personalization's address
+(``personalizations.3.to.0.email``) -> that recipient, the others go again at once; any
+other 400 -> the message; 429 -> retried when X-RateLimit-Reset says; 5xx -> uncertain
+(no idempotency key: never sent again by itself).
 """
 
 from __future__ import annotations
 
 import html
 import json
+import re
 import secrets
 import time
 from json.encoder import encode_basestring as js  # a JSON string literal, in C
@@ -27,10 +37,12 @@ import httpx
 from ..checks import one_line_problem
 from ..message import Message, MessageFactory
 from ..render import PLACEHOLDERS
+from ..outcome import MESSAGE, RECIPIENT
 from .base import SENT, Outcome
-from .http import ApiRequest, HttpBackend
+from .http import ApiRequest, HttpBackend, json_body
 
 TEXT_TAG, HTML_TAG = "-unsub_text-", "-unsub_html-"
+_ONE_ADDRESS = re.compile(r"personalizations\.(\d+)\.(?:to|cc|bcc)\b")
 
 
 class Backend(HttpBackend):
@@ -83,6 +95,18 @@ class Backend(HttpBackend):
             except ValueError:
                 return None
         return super().retry_after(response)
+
+    def refusal(self, response: httpx.Response, messages: list[Message]) -> tuple[Outcome, int | None]:
+        status = response.status_code
+        if status == 413:
+            return self.refused(MESSAGE, status, self.error_text(response)), None
+        if status == 400:  # one personalization (one message each) named by its field: that recipient
+            errors = json_body(response).get("errors")
+            found = {int(m[1]) for e in (errors if isinstance(errors, list) else []) if isinstance(e, dict)
+                     if (m := _ONE_ADDRESS.match(str(e.get("field") or "")))}
+            if len(found) == 1 and (index := found.pop()) < len(messages):
+                return self.refused(RECIPIENT, status, self.error_text(response)), index
+        return super().refusal(response, messages)
 
     def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
         batch = response.headers.get("x-message-id", "")

@@ -11,6 +11,21 @@ List-Unsubscribe. Requests are signed with AWS Signature Version 4 by botocore (
 AWS_SESSION_TOKEN. ``requests_per_second`` should match the account's MaxSendRate.
 Answer: 200 ``{"MessageId"}``; errors carry ``x-amzn-ErrorType`` and ``{"message"}``;
 throttling is 429 TooManyRequestsException. Note: SES replaces the Message-ID header.
+
+Errors, by x-amzn-ErrorType (https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_SendEmail.html
+"Errors", and the knowledge-center article on 400 "Message rejected: Email address is not
+verified. The following identities failed the check in region"):
+    MessageRejected -> the sender ("Email address is not verified": an unverified From in this
+        region, or in the sandbox an unverified recipient, both the account's to fix; moto says
+        "Did not have authority to send from"), unless it speaks of the content (a virus, a
+        header, a line, the size) -> the message: either way the run stops
+    MailFromDomainNotVerifiedException, AccountSuspendedException, SendingPausedException,
+        NotFoundException (the configuration set), LimitExceededException, and a 429 that
+        speaks of a daily quota -> the sender: the run stops, the rest waits
+    403 (UnrecognizedClientException, SignatureDoesNotMatch, AccessDenied...) -> the sender
+    BadRequestException and other 4xx -> the message
+    TooManyRequestsException (429) -> retried; 5xx -> uncertain (SendEmail takes no
+        idempotency token: a retry could send twice)
 """
 
 from __future__ import annotations
@@ -18,13 +33,20 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 
 import httpx
 
 from ..errors import SendError
 from ..message import Message
-from .base import SENT, Outcome
+from ..outcome import MESSAGE, SENDER
+from .base import FAILED, SENT, Outcome
 from .http import ApiRequest, HttpBackend, json_body
+
+
+_CONTENT = re.compile(r"content|virus|header|line|body|attachment|too large|size|MIME", re.I)
+SENDER_ERRORS = {"MailFromDomainNotVerifiedException", "AccountSuspendedException", "SendingPausedException",
+                 "NotFoundException", "LimitExceededException"}
 
 
 class Backend(HttpBackend):
@@ -71,6 +93,19 @@ class Backend(HttpBackend):
         kind = response.headers.get("x-amzn-errortype", "").split(":")[0]
         text = super().error_text(response)
         return f"{kind}: {text}" if kind else text
+
+    def refusal(self, response: httpx.Response, messages: list[Message]) -> tuple[Outcome, int | None]:
+        status, kind = response.status_code, response.headers.get("x-amzn-errortype", "").split(":")[0]
+        text = self.error_text(response)
+        code = f"SES {kind}" if kind else None
+        if kind == "MessageRejected":  # the sandbox's unverified recipient too: the account's, not the reader's
+            return self.refused(MESSAGE if _CONTENT.search(text) else SENDER, status, text, code), None
+        if kind in SENDER_ERRORS or (status == 429 and "quota" in text.lower()):
+            return self.refused(SENDER, status, text, code), None
+        outcome, index = super().refusal(response, messages)
+        if outcome.state == FAILED and code:  # "SES SignatureDoesNotMatch" says more than "Amazon SES 403"
+            outcome = self.refused(outcome.fault, status, text, code)
+        return outcome, index
 
     def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
         message_id = json_body(response).get("MessageId", "")
