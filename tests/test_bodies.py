@@ -151,3 +151,27 @@ def test_a_run_of_equals_signs(example, config, signer, n):
                                  "https://x.example/" + "=" * 40 + "/{token}"])
 def test_an_unsubscribe_url_of_dots_and_equals_signs(example, config, signer, url):
     check_all_readers(example, with_url(config, url), signer)
+
+
+# -- no-break spaces, from the issue file to the decoded text part ----------------------------
+
+def test_no_break_spaces_reach_the_reader_and_are_never_a_line_break(renderer, write_issue, config, signer):
+    from conftest import MINIMAL
+    from newsletter.reader import read_issue
+
+    nbsp = "\u00a0"
+    # "10 000 km" joined by NBSPs (typed, and as Markdown's &nbsp;) on both sides of column 78
+    paragraphs = [f"Distance {'ab ' * k}10{nbsp}000{nbsp}km today." for k in range(18, 26)]
+    paragraphs += [f"About {'cd ' * k}5&nbsp;000&nbsp;km by road." for k in range(18, 26)]
+    body = "".join(f"    {p}\n\n" for p in paragraphs)
+    title = "A trip of " + "far " * 15 + f"10{nbsp}000{nbsp}km"  # the title goes through the wrap filter
+    rendered = renderer.render(read_issue(write_issue(
+        MINIMAL.replace("    First paragraph.\n", body).replace("Something happened", title))))
+    msg = MessageFactory(rendered, config, signer).build("ada@example.com", None, signer.recipient_key("ada@example.com"))
+    text_part, _ = check_message(msg.data)
+    text = text_part.get_content()
+    assert text == crlf(rendered.text.replace(PLACEHOLDER, msg.unsubscribe_url))
+    assert text.count(f"10{nbsp}000{nbsp}km") == 9 and text.count(f"5{nbsp}000{nbsp}km") == 8
+    assert not re.search(f"{nbsp}\r\n|\r\n{nbsp}", text), "a line broken at a no-break space"
+    # the joined words did reach the wrap column: some were carried whole to the next line
+    assert re.search(f"\r\n(10|5){nbsp}000{nbsp}km", text)
