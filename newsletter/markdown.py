@@ -9,6 +9,7 @@ Each function takes the token list from ``parse`` (a Markdown model caches its o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from markdown_it import MarkdownIt
@@ -20,6 +21,9 @@ _is_safe_link = _md.validateLink  # markdown-it's: no javascript:, vbscript:, fi
 _md.validateLink = lambda url: True
 
 CITATION_MARKS = ("\u2014", "\u2013", "\u2015", "--")  # em dash, en dash, bar, "--"
+# Where plain text may break or collapse: str.split()'s white space but the no-break
+# spaces (NBSP, figure space, narrow NBSP), which hold words together ("10 000 km").
+_BREAKABLE_SPACE = re.compile(r"[^\S\u00a0\u2007\u202f]+")
 
 
 @dataclass(frozen=True)
@@ -90,17 +94,22 @@ def to_text(tokens: list[Token], width: int = 78) -> str:
     return "\n\n".join(blocks).rstrip() + "\n" if blocks else ""
 
 
+def words(text: str) -> list[str]:
+    """`text.split()`, except that a no-break space joins, never splits."""
+    return [word for word in _BREAKABLE_SPACE.split(text) if word]
+
+
 def wrap(text: str, width: int, first: str = "", rest: str | None = None) -> list[str]:
     """Greedy wrapping at white space, like textwrap with break_long_words and
     break_on_hyphens off (a URL or other long word is never cut, a line may run long
-    instead), at a fraction of its cost."""
+    instead), at a fraction of its cost. Never at a no-break space, which is kept."""
     width = max(width, 20)
     rest = first if rest is None else rest
     lines: list[str] = []
     line = first
     room = width - len(first)
     at_start = True
-    for word in text.split():
+    for word in words(text):
         if at_start:
             line += word
             room -= len(word)
@@ -166,7 +175,7 @@ def _inline_lines(inline: SyntaxTreeNode, width: int) -> list[str]:
     _inline(inline.children, pieces)
     lines = []
     for piece in pieces:
-        lines.extend(wrap(" ".join(piece.split()), width))
+        lines.extend(wrap(piece, width))
     return lines
 
 
@@ -193,7 +202,7 @@ def _inline(nodes, pieces: list[str]) -> None:
             href = str(node.attrs.get("href", ""))
             label: list[str] = [""]
             _inline(node.children, label)
-            text = " ".join(" ".join(label).split())
+            text = " ".join(words(" ".join(label)))
             if node.markup == "autolink" or text == href or text == href.removeprefix("mailto:"):
                 pieces[-1] += href.removeprefix("mailto:") if node.markup == "autolink" else href
             else:

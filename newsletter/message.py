@@ -21,6 +21,7 @@ import html
 import json
 import re
 from functools import cached_property
+from email import quoprimime
 from email.header import Header
 from email.utils import format_datetime, formataddr
 
@@ -32,7 +33,7 @@ from .render import PLACEHOLDERS, Rendered
 from .tokens import Signer
 
 CRLF = b"\r\n"
-_BARE_LF = re.compile(rb"(?<!\r)\n")
+_LINE_START_DOT = re.compile(r"^\.", re.MULTILINE)
 _FOLD_POINT = re.compile(r"(?<=\S) (?=\S)")
 SOFT_BREAK = b"=\r\n"
 QP_LINE = 76  # RFC 2045: encoded lines at most 76 characters
@@ -40,40 +41,35 @@ UNSUBSCRIBE = PLACEHOLDERS["unsubscribe_url"]
 
 
 def _qp(text: str) -> bytes:
-    data = text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")
-    # b2a_qp takes its line end from the input's first one: text with none gets bare LFs.
-    encoded = _BARE_LF.sub(b"\r\n", binascii.b2a_qp(data, istext=True))
+    """Quoted-printable for a body or a piece of one, once per issue: the stdlib's encoder
+    (email.quoprimime), which breaks lines at CRLF, CR and LF alike, never cuts an =XX
+    escape and encodes white space before a line end. Encoded lines are CRLF-ended and at
+    most 73 octets, keeping 3 free: 2 for "=2E" below, 1 for the soft line break that
+    _SplicedBody puts after a piece."""
+    encoded = quoprimime.body_encode(text.encode("utf-8").decode("latin-1"), QP_LINE - 3, "\r\n")
     # No line starts with "." (SMTP would have to double it): =2E is the same character,
     # so a message needs no dot-stuffing per recipient.
-    encoded = encoded.replace(b"\r\n.", b"\r\n=2E")
-    if encoded.startswith(b"."):
-        encoded = b"=2E" + encoded[1:]
-    # b2a_qp can leave a line of 77 octets (74 characters, then a space as =20), and =2E
-    # adds two: cut such lines again.
-    if any(len(line) > QP_LINE for line in encoded.split(CRLF)):
-        encoded = CRLF.join(_split_qp_line(line) for line in encoded.split(CRLF))
-    return encoded
+    return _LINE_START_DOT.sub("=2E", encoded).encode("ascii")
 
 
-def _split_qp_line(line: bytes, room: int = QP_LINE) -> bytes:
-    """Cut an encoded line into pieces of at most `room` octets, the last piece included,
-    with soft line breaks, never inside an =XX escape."""
-    pieces = []
-    while len(line) > room:
-        cut = room - 1  # leave room for the "="
-        # never inside an =XX escape, and never so that the next line starts with "."
-        while b"=" in line[cut - 2:cut] or line[cut:cut + 1] == b".":
-            cut -= 1
-        pieces.append(line[:cut])
-        line = line[cut:]
-    pieces.append(line)
-    return SOFT_BREAK.join(pieces)
+def _qp_value(value: str) -> bytes:
+    """A per-recipient value, quoted-printable, ending in a soft line break so the next
+    piece goes on. Per recipient, so the usual value (a URL of one or two lines) takes the C
+    encoder, and whatever of its output we cannot vouch for goes the per-issue way."""
+    encoded = binascii.b2a_qp(value.encode("utf-8"))
+    # b2a_qp breaks lines with a bare LF after "=", passes a lone CR or a hard line break
+    # through, may start a line with "." and may end with a 77-octet line (74 characters
+    # and a space as =20): checked here, in that order.
+    if (b"\r" not in encoded and encoded.count(b"\n") == encoded.count(b"=\n")
+            and b"\n." not in encoded and encoded[:1] != b"."
+            and len(encoded) - encoded.rfind(b"\n") <= QP_LINE):  # last line + "=" within 76
+        return encoded.replace(b"\n", CRLF) + SOFT_BREAK
+    return _close_line(_qp(value))
 
 
-def _soft_break_at_end(encoded: bytes) -> bytes:
-    """End quoted-printable text with a soft line break, every line within 76 octets."""
-    start = encoded.rfind(b"\n") + 1
-    return encoded[:start] + _split_qp_line(encoded[start:], QP_LINE - 1) + SOFT_BREAK
+def _close_line(encoded: bytes) -> bytes:
+    """End a piece with a soft line break unless it ends a line already (or is empty)."""
+    return encoded if encoded.endswith(CRLF) or not encoded else encoded + SOFT_BREAK
 
 
 def _header(name: str, value: str, encode: bool = False) -> bytes:
@@ -152,16 +148,12 @@ class _SplicedBody:
 
     def __init__(self, text: str, escape_values: bool, holes: _Holes):
         pieces, self.slots = holes.split(text)
-        self.pieces = [self._close_line(_qp(p)) for p in pieces[:-1]] + [_qp(pieces[-1])]
+        self.pieces = [_close_line(_qp(p)) for p in pieces[:-1]] + [_qp(pieces[-1])]
         self.escape = escape_values
         self.one_slot = len(set(self.slots)) <= 1  # the common case: the unsubscribe URL alone
 
-    @staticmethod
-    def _close_line(encoded: bytes) -> bytes:
-        return encoded if encoded.endswith(CRLF) or not encoded else _soft_break_at_end(encoded)
-
     def _encode(self, value: str) -> bytes:
-        return _soft_break_at_end(_qp(html.escape(value, quote=True) if self.escape else value))
+        return _qp_value(html.escape(value, quote=True) if self.escape else value)
 
     def fill(self, values) -> bytes:
         """`values` by slot (see _Holes)."""

@@ -621,8 +621,9 @@ def test_dkim_fails_when_list_unsubscribe_is_changed(signed):
 
 def test_dkim_fails_when_the_html_body_is_changed(signed):
     data, verify = signed
-    assert data.count(b"View in your browser") == 1
-    assert verify(data.replace(b"View in your browser", b"View in your Browser")) is False
+    # (only words that no soft line break splits: where the lines break is the encoder's choice)
+    assert data.count(b"View in your") == 1
+    assert verify(data.replace(b"View in your", b"View in Your")) is False
     assert verify(data) is True
 
 

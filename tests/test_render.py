@@ -259,3 +259,30 @@ def test_template_syntax_errors_name_file_and_line(tmp_path, config):
     renderer = _custom_templates(tmp_path, config, "email.mjml", lambda t: t.replace("{% endif %}", "{% endiff %}", 1))
     with pytest.raises(TemplateError, match=r"email\.mjml:\d+: template syntax error"):
         renderer.render(read_issue(EXAMPLE))
+
+
+# -- no-break spaces in the plain text ----------------------------------------------------------
+
+NBSP = "\u00a0"
+
+
+def test_wrap_never_breaks_at_or_drops_a_no_break_space():
+    from newsletter.markdown import wrap, words
+    assert words(f"10{NBSP}000 km\t{NBSP}x\u2028y\u202fz") == [f"10{NBSP}000", "km", f"{NBSP}x", "y\u202fz"]
+    for k in range(60, 80):  # the joined words on both sides of column 78
+        text = "a" * k + f" 10{NBSP}000{NBSP}km and back"
+        lines = wrap(text, 78)
+        assert " ".join(lines) == text
+        assert sum(f"10{NBSP}000{NBSP}km" in line for line in lines) == 1, lines
+        assert not any(line.startswith(NBSP) or line.endswith(NBSP) for line in lines), lines
+    # other white space still collapses and breaks as before
+    assert wrap("one  two\n three\tfour", 78) == ["one two three four"]
+    assert wrap("aaaa bbbb cccc", 20, "> ") == ["> aaaa bbbb cccc"]
+
+
+def test_markdown_text_keeps_no_break_spaces_and_entities():
+    from newsletter.markdown import parse, to_text
+    text = to_text(parse("It is " + "far " * 16 + "10&nbsp;000&nbsp;km " + f"or 6{NBSP}214{NBSP}miles away."))
+    assert f"10{NBSP}000{NBSP}km" in text and f"6{NBSP}214{NBSP}miles" in text
+    assert not re.search(f"{NBSP}\n|\n{NBSP}", text)
+    assert [len(line) <= 78 for line in text.splitlines()] == [True, True]
