@@ -20,6 +20,7 @@ import hashlib
 import html
 import json
 import re
+import time
 from functools import cached_property
 from email import quoprimime
 from email.header import Header
@@ -70,6 +71,18 @@ def _qp_value(value: str) -> bytes:
 def _close_line(encoded: bytes) -> bytes:
     """End a piece with a soft line break unless it ends a line already (or is empty)."""
     return encoded if encoded.endswith(CRLF) or not encoded else encoded + SOFT_BREAK
+
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def _date_now() -> bytes:
+    """The Date header's value for now, formatted once a second rather than per message."""
+    global _date_cache
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache = (second, format_datetime(dt.datetime.fromtimestamp(second, dt.timezone.utc)).encode("ascii"))
+    return _date_cache[1]
 
 
 def _header(name: str, value: str, encode: bool = False) -> bytes:
@@ -196,6 +209,11 @@ class Message:
     """One recipient's message. What a backend needs is made on first use: the whole
     RFC 5322 bytes (SMTP, outbox, SES) or the parts (the HTTP APIs that take fields)."""
 
+    # No line of `data` starts with ".": the bodies' quoted-printable writes =2E there (_qp,
+    # _qp_value), and every header line starts with a name or folding white space. So SMTP
+    # need not scan 40 KB a message for dot-stuffing; tests/test_bodies.py holds us to it.
+    needs_dot_stuffing = False
+
     def __init__(self, factory: "MessageFactory", recipient: str, name: str | None, rkey: str,
                  now: dt.datetime | None = None, fields: dict | None = None):
         self.factory = factory
@@ -266,10 +284,9 @@ class Message:
     def data(self) -> bytes:
         """The whole message, CRLF line ends, not dot-stuffed; DKIM-signed if configured."""
         f = self.factory
-        now = self._now or dt.datetime.now(dt.timezone.utc)
         data = b"".join((
             _header("To", self.to),
-            b"Date: ", format_datetime(now).encode("ascii"), CRLF,
+            b"Date: ", format_datetime(self._now).encode("ascii") if self._now else _date_now(), CRLF,
             b"Message-ID: ", self.message_id.encode("ascii"), CRLF,
             # "=?" in a merged value would read as an encoded word: encode the whole subject then
             _header("Subject", subject, "=?" in subject) if f.subject_merged and (subject := self.subject) else b"",

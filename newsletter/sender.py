@@ -266,28 +266,38 @@ class _Run:
                     pass
 
         async def deliver_from_queue(worker):
+            batch = None  # when set: already marked `sending`, with the last batch's outcomes
             while True:
-                if (pause := worker.pause()) and not stop.is_set():
-                    try:  # it could not connect: it waits, and takes no work meanwhile
-                        await asyncio.wait_for(stop.wait(), pause)
-                    except asyncio.TimeoutError:
-                        pass
-                if (batch := await queue.get()) is None:
-                    break
-                if stop.is_set():
-                    continue  # still pending in the ledger: the next run sends it
-                ids = [delivery.id for delivery, _ in batch]
-                with store.transaction(len(batch) > 1):
-                    store.mark_many(ids, SENDING, count_attempt=True, via=self.backend.name)
+                if batch is None:
+                    if (pause := worker.pause()) and not stop.is_set():
+                        try:  # it could not connect: it waits, and takes no work meanwhile
+                            await asyncio.wait_for(stop.wait(), pause)
+                        except asyncio.TimeoutError:
+                            pass
+                    if (batch := await queue.get()) is None:
+                        break
+                    if stop.is_set():
+                        batch = None
+                        continue  # still pending in the ledger: the next run sends it
+                    with store.transaction(len(batch) > 1):
+                        store.mark_many([d.id for d, _ in batch], SENDING, count_attempt=True, via=self.backend.name)
                 try:
                     outcomes = await worker.send_batch([message for _, message in batch])
                 except SendError as exc:
                     with store.transaction():
-                        store.mark_many(ids, "pending", reply=f"not sent: {exc}")
+                        store.mark_many([d.id for d, _ in batch], "pending", reply=f"not sent: {exc}")
                     fatal.append(exc)
                     stop.set()
+                    batch = None
                     continue
-                self.record([delivery for delivery, _ in batch], outcomes)
+                # The next batch, when one is waiting, is marked `sending` in the same commit
+                # as this one's outcomes: one commit a message instead of two on the SMTP path.
+                following = queue.get_nowait() if not (queue.empty() or stop.is_set() or worker.pause()) \
+                    else False
+                marked = self.record([d for d, _ in batch], outcomes, following or None)
+                if following is None:
+                    break  # that was the end of the queue
+                batch = following if marked else None
 
         tasks = [asyncio.create_task(work(w)) for w in workers]
         try:
@@ -322,10 +332,12 @@ class _Run:
         if fatal:
             raise fatal[0]
 
-    def record(self, deliveries: list[Delivery], outcomes: list[Outcome]) -> None:
+    def record(self, deliveries: list[Delivery], outcomes: list[Outcome], following: list | None = None) -> bool:
         """Write a batch's outcomes as outcome.decide says: rows with the same result
         share one UPDATE. One jitter for the batch: its deferred rows fall due together and
-        go out again as one batch (for Resend, under the same Idempotency-Key)."""
+        go out again as one batch (for Resend, under the same Idempotency-Key). The
+        `following` batch is marked `sending` in the same transaction unless these
+        outcomes stop the run; returns whether it was."""
         settings, store = self.settings, self.store
         groups: dict[tuple, list[int]] = {}
         suppress: list[tuple[str, str]] = []
@@ -340,7 +352,10 @@ class _Run:
                 suppress.append((delivery.email, decision.reply))
             if decision.stop:
                 stops.append(decision.stop)
-        with store.transaction(len(deliveries) > 1 or bool(suppress)):
+        why = stops[0] if stops else self.breaker.observe(outcomes)
+        if why:
+            following = None
+        with store.transaction(len(deliveries) > 1 or bool(suppress) or bool(following)):
             for (state, reply, next_try, fault), ids in groups.items():
                 store.mark_many(ids, state, reply, next_try=next_try, fault=fault)
                 if state in self.summary.this_run:  # not the rows a refusal put back to pending
@@ -349,10 +364,11 @@ class _Run:
             for email, reply in suppress:
                 store.suppress(email, reply)
                 store.set_status(email, "bounced", f"send {reply}")
-        if stops:
-            self.refuse(stops[0])
-        elif why := self.breaker.observe(outcomes):
+            if following:
+                store.mark_many([d.id for d, _ in following], SENDING, count_attempt=True, via=self.backend.name)
+        if why:
             self.refuse(why)
+        return bool(following)
 
 
 # -- test sends and dry runs --------------------------------------------------------------------

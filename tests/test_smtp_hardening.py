@@ -238,3 +238,37 @@ def test_verify_tls_false_is_warned_on_every_run(tmp_path, cert):
         checked = send_issue(EXAMPLE, config_for({**env, "NEWSLETTER_SMTP_CA_FILE": str(cert[0]),
                                                   "NEWSLETTER_SMTP_VERIFY_TLS": "true"}))
         assert not any("verify_tls" in w for w in checked.warnings)
+
+
+# -- dot-stuffing --------------------------------------------------------------------------------
+
+def test_a_message_that_needs_dot_stuffing_arrives_whole(tmp_path, cert, example):
+    """Our messages never need it (tests/test_bodies.py checks that no line starts with "."),
+    so they skip the scan; anything else is stuffed, and the server unstuffs it to the byte."""
+    from newsletter.message import MessageFactory
+    from newsletter.tokens import Signer
+
+    config = config_for(settings_env(tmp_path, 1))
+    message = MessageFactory(example, config, Signer(b"s", "l")).build("r0@example.com", None, "k" * 22)
+    assert not message.needs_dot_stuffing and not re.search(rb"(^|\r\n)\.", message.data)
+
+    class Foreign:  # a message from elsewhere, with lines that start with dots
+        sender, recipient, needs_dot_stuffing = message.sender, "r1@example.com", True
+        data = b"Subject: dots\r\n\r\n.first\r\n..second\r\n.\r\nlast"
+
+    handler = Handler()
+    with Server(handler, tls=cert) as server:
+        settings = config_for(settings_env(tmp_path, server.port, cert)).smtp
+
+        async def send():
+            conn = await SmtpConnection.open(settings)
+            try:
+                return [await conn.send(message), await conn.send(Foreign)]
+            finally:
+                await conn.quit()
+
+        outcomes = asyncio.run(send())
+    assert [o.state for o in outcomes] == ["sent", "sent"]
+    received = {r.recipient: r.data for r in handler.received}
+    assert received["r0@example.com"] == message.data
+    assert received["r1@example.com"] == Foreign.data + b"\r\n"  # the server ends the last line

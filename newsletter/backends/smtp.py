@@ -300,13 +300,13 @@ class SmtpConnection:
                 await self.command(".")
             await self.reset()
             return smtp_outcome(replies[refused].code, replies[refused].text, (MAIL, RCPT, DATA)[refused])
-        # Dot-stuffing: a line that starts with "." gets another one. Our own messages
-        # have none (quoted-printable writes =2E), so this is a scan, not a copy.
+        # Dot-stuffing: a line that starts with "." gets another one. Our own messages have
+        # none (see Message.needs_dot_stuffing), so they are not even scanned.
         data = message.data
-        if data.startswith(b".") or b"\r\n." in data:
+        if message.needs_dot_stuffing and (data.startswith(b".") or b"\r\n." in data):
             data = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..")
-        self.write(data)
-        self.write(b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n")
+        # One write: the end marker in a send of its own would cost a system call a message.
+        self.write(data + (b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"))
         try:
             await self.drain()
             reply = await self.read_reply()
