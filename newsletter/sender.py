@@ -257,15 +257,16 @@ class _Run:
         fatal: list[BaseException] = []
 
         async def work(worker):
+            ended = [False]  # this worker has taken its end-of-queue None
             try:
-                await deliver_from_queue(worker)
+                await deliver_from_queue(worker, ended)
             except Exception as exc:  # a bug: stop everything, but never leave the producer waiting
                 fatal.append(exc)
                 stop.set()
-                while await queue.get() is not None:
-                    pass
+                while not ended[0]:
+                    ended[0] = await queue.get() is None
 
-        async def deliver_from_queue(worker):
+        async def deliver_from_queue(worker, ended):
             batch = None  # when set: already marked `sending`, with the last batch's outcomes
             while True:
                 if batch is None:
@@ -275,6 +276,7 @@ class _Run:
                         except asyncio.TimeoutError:
                             pass
                     if (batch := await queue.get()) is None:
+                        ended[0] = True
                         break
                     if stop.is_set():
                         batch = None
@@ -294,6 +296,7 @@ class _Run:
                 # as this one's outcomes: one commit a message instead of two on the SMTP path.
                 following = queue.get_nowait() if not (queue.empty() or stop.is_set() or worker.pause()) \
                     else False
+                ended[0] = following is None
                 marked = self.record([d for d, _ in batch], outcomes, following or None)
                 if following is None:
                     break  # that was the end of the queue

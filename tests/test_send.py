@@ -361,3 +361,29 @@ def test_a_send_resumed_after_the_issue_changed_refuses_unless_allowed(tmp_path)
     summary = send_issue(issue, config, allow_changed=True)
     assert summary.this_run["sent"] == 1 and summary.counts["sent"] == 3
     assert send_issue(issue, config).this_run["sent"] == 0  # the new version is now the send's own
+
+
+def test_a_bug_in_recording_the_last_message_ends_the_send_instead_of_hanging(tmp_path, cert, monkeypatch):
+    """The worker that took the end of the queue with its last outcome must not wait for
+    another end when recording that outcome fails."""
+    import threading
+
+    from newsletter import sender
+
+    def broken(self, deliveries, outcomes, following=None):
+        raise RuntimeError("a bug while recording")
+
+    monkeypatch.setattr(sender._Run, "record", broken)
+    handler = Handler()
+    with Server(handler, tls=cert) as server:
+        config = config_for(settings_env(tmp_path, server.port, cert, smtp_connections=1))
+        subscribe(config, addresses(1))
+        raised = []
+        thread = threading.Thread(target=lambda: raised.append(pytest.raises(RuntimeError, send_issue, EXAMPLE,
+                                                                             config)), daemon=True)
+        thread.start()
+        thread.join(timeout=20)
+        assert not thread.is_alive(), "the send hung"
+    assert raised and len(handler.received) == 1
+    with Store(config.store.path) as store:  # sent, but not recorded as sent: the next run says uncertain
+        assert store.counts(EXAMPLE.stem)["sending"] == 1
