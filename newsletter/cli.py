@@ -96,6 +96,13 @@ def make_parser() -> argparse.ArgumentParser:
                       help="send again the messages that may or may not have been delivered (see `status`)")
     send.set_defaults(run=run_send)
 
+    serve = commands.add_parser("serve", parents=[common], help="run the readers' web service",
+                                description="Serve one-click unsubscribes and the other readers' endpoints "
+                                            "(see [serve] in newsletter.toml), sharing the store with `send`.")
+    serve.add_argument("--host", help="override [serve] host")
+    serve.add_argument("--port", type=int, help="override [serve] port")
+    serve.set_defaults(run=run_serve)
+
     status = commands.add_parser("status", parents=[common], help="show how a send is going",
                                  description="Counts by state and the failures with the server's replies.")
     status.add_argument("issue", metavar="ISSUE", help="the issue file or its name")
@@ -254,6 +261,13 @@ def run_send(args) -> int:
     if (summary.counts and (summary.counts["deferred"] or summary.counts["pending"])) or \
             (not summary.counts and run["deferred"]):
         return EXIT_DEFERRED
+    return EXIT_OK
+
+
+def run_serve(args) -> int:
+    from .web.server import run
+
+    run(_load_config(args), args.host, args.port)
     return EXIT_OK
 
 

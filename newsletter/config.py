@@ -225,6 +225,14 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "store": {
         "path": RelativePath(default="newsletter.sqlite3", help="the SQLite file of subscribers and sends"),
     },
+    "serve": {
+        "host": Str(default="127.0.0.1", help="the address `newsletter serve` listens on"),
+        "port": Int(default=8080, min=1, max=65535),
+        "public_url": HttpsUrl(help="where readers reach the service, e.g. https://news.example.com "
+                                    "(the unsubscribe and confirmation links point there)"),
+        "forwarded_allow_ips": Str(help="proxies whose X-Forwarded-* headers are trusted, e.g. 127.0.0.1"),
+        "max_body": Int(default=65536, min=1024, max=10_000_000, help="the largest request body taken, in bytes"),
+    },
     "send": {
         "backend": Choice(BACKENDS, default="outbox"),
         "outbox": RelativePath(default="outbox", help="folder the outbox backend writes .eml files to"),
@@ -312,6 +320,15 @@ class Store:
 
 
 @dataclass(frozen=True)
+class Serve:
+    host: str
+    port: int
+    public_url: str | None
+    forwarded_allow_ips: str | None
+    max_body: int
+
+
+@dataclass(frozen=True)
 class Send:
     backend: str
     outbox: Path
@@ -372,13 +389,14 @@ class Config:
     sender: Sender
     design: Design
     store: Store
+    serve: Serve
     send: Send
     smtp: Smtp
     dkim: Dkim
     apis: dict[str, Api] = field(default_factory=dict)
 
 
-SECTIONS = {"publication": Publication, "sender": Sender, "design": Design, "store": Store,
+SECTIONS = {"publication": Publication, "sender": Sender, "design": Design, "store": Store, "serve": Serve,
             "send": Send, "smtp": Smtp, "dkim": Dkim}
 
 

@@ -248,3 +248,43 @@ class Breaker:
                 "this looks like the server or the sending account, not the readers, so the run stopped. "
                 "Check with `newsletter status`; put back anyone suppressed by it with "
                 f"`newsletter subscribers restore --reply '{self.code}'`, then `newsletter send --retry-failed`")
+
+
+# -- what comes back after a send: one-click unsubscribes, bounces, complaints ----------------
+
+UNSUBSCRIBE, HARD_BOUNCE, SOFT_BOUNCE, COMPLAINT = "unsubscribe", "hard_bounce", "soft_bounce", "complaint"
+EVENT_KINDS = (UNSUBSCRIBE, HARD_BOUNCE, SOFT_BOUNCE, COMPLAINT)
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something a reader, a provider or a bounce mail says about one address, whichever
+    door it came in by (the one-click endpoint, a webhook, the bounce mailbox)."""
+
+    kind: str  # one of EVENT_KINDS
+    email: str
+    source: str  # where it came from, for the store's history: "one-click", "sendgrid webhook", "dsn"
+    reason: str = ""  # the provider's or the server's words
+    event_id: str | None = None  # the source's own id: the same event twice changes nothing twice
+    issue: str | None = None  # the issue whose message it answers, when known
+
+
+@dataclass(frozen=True)
+class EventEffect:
+    status: str | None  # the subscriber's new status, or None to leave it
+    suppress: bool  # never send to the address again
+    ledger_state: str | None  # what the issue's delivery row becomes, or None to leave it
+
+
+def event_effect(event: Event) -> EventEffect:
+    """Only the reader's own permanent failure, their complaint or their unsubscribe
+    touches their standing; a soft bounce changes nothing (the next send tries again)."""
+    if event.kind == UNSUBSCRIBE:
+        return EventEffect("unsubscribed", False, None)
+    if event.kind == HARD_BOUNCE:
+        return EventEffect("bounced", True, FAILED)  # accepted, then bounced: it never arrived
+    if event.kind == COMPLAINT:
+        return EventEffect("complained", True, None)  # it arrived; they do not want it
+    if event.kind == SOFT_BOUNCE:
+        return EventEffect(None, False, None)
+    raise ValueError(f"unknown event kind {event.kind!r}")

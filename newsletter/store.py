@@ -4,6 +4,8 @@
     suppressions  addresses never to send to (hard bounces, complaints, manual blocks)
     deliveries    the ledger: one row per (issue, destination, address) and its state
     sends         one row per (issue, destination): what the send began with
+    events        what came back (unsubscribes, bounces, complaints), by source and id,
+                  so that an event delivered twice changes nothing twice
 
 Destinations: `outbox` for proofs, `mail` for every real backend; a proof never counts as
 a delivery (outcome.destination). Ledger states (outcome.py says what puts a row in each):
@@ -25,11 +27,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
 from .errors import StoreError
-from .outcome import DELIVERY, PROOF, RECIPIENT, STATES
+from .outcome import DELIVERY, PROOF, RECIPIENT, STATES, Event, event_effect
 from .recipients import Recipient
 
 STATUSES = ("subscribed", "unsubscribed", "bounced", "complained")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS subscribers (
@@ -78,6 +80,14 @@ CREATE TABLE IF NOT EXISTS sends (
     started_at  TEXT NOT NULL,
     PRIMARY KEY (issue, destination)
 );
+CREATE TABLE IF NOT EXISTS events (
+    source      TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    email       TEXT NOT NULL COLLATE NOCASE,
+    received_at TEXT NOT NULL,
+    PRIMARY KEY (source, event_id)
+);
 """
 
 
@@ -122,7 +132,8 @@ class Store:
         if version == SCHEMA_VERSION:
             return
         with self.transaction():
-            old = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone()
+            old = version == 0 and self.db.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone()
             if old:
                 # Version 0 kept one ledger for proofs and deliveries alike: tell them apart
                 # by the outbox's reply, and rebuild the tables with their new keys.
@@ -252,6 +263,34 @@ class Store:
                                 " reply = 'restored: ' || coalesce(reply, ''), updated_at = ?"
                                 " WHERE email = ? AND state = 'failed' AND fault = ?", (now_iso(), email, RECIPIENT))
         return found
+
+    def record_event(self, event: Event) -> bool:
+        """Apply what came back through outcome.event_effect; False when this event (by its
+        source and id) was applied before, or names nobody we know."""
+        effect = event_effect(event)
+        with self.transaction():
+            if event.event_id is not None:
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO events (source, event_id, kind, email, received_at) VALUES (?, ?, ?, ?, ?)",
+                    (event.source, event.event_id, event.kind, event.email, now_iso()))
+                if not cur.rowcount:
+                    return False  # a replay
+            how = f"{event.source}: {event.reason}".rstrip(": ")
+            changed = bool(effect.status and self.set_status(event.email, effect.status, how))
+            if effect.suppress:
+                self.suppress(event.email, f"{event.kind} ({how})")
+                changed = True
+            if effect.ledger_state and event.issue:
+                self.db.execute(
+                    "UPDATE deliveries SET state = ?, fault = 'recipient', reply = ?, updated_at = ?"
+                    " WHERE issue = ? AND destination = 'mail' AND email = ?",
+                    (effect.ledger_state, f"{event.kind}: {how}", now_iso(), event.issue, event.email))
+        return changed
+
+    def email_for_key(self, rkey: str) -> str | None:
+        """The address a recipient key (from an unsubscribe token) stands for."""
+        row = self.db.execute("SELECT email FROM deliveries WHERE rkey = ? LIMIT 1", (rkey,)).fetchone()
+        return row[0] if row else None
 
     # -- the ledger ----------------------------------------------------------------------------
     # Every method takes the issue and the destination (outcome.PROOF or DELIVERY).

@@ -11,7 +11,7 @@ import pytest
 from conftest import EXAMPLE, addresses, config_for, run_cli, subscribe
 from newsletter.errors import SendError, StoreError
 from newsletter.sender import send_issue
-from newsletter.store import Store
+from newsletter.store import SCHEMA_VERSION, Store
 from smtp_server import Handler, Server, make_certificate
 from test_send import settings_env
 
@@ -212,7 +212,7 @@ def test_a_store_from_before_destinations_is_upgraded_in_place(tmp_path):
         assert store.counts("a", "outbox")["sent"] == 1 and store.counts("a")["sent"] == 0
         assert store.counts("b")["sent"] == 1
         assert store.send_digest("b", "abc", "b.yaml") == ("abc", None)
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     with Store(path) as store:  # opening it again changes nothing
         assert store.counts("b")["sent"] == 1
 

@@ -1,0 +1,17 @@
+"""Running the service: uvicorn serving create_app, with the settings of [serve]."""
+
+from __future__ import annotations
+
+from ..config import Config
+
+
+def run(config: Config, host: str | None = None, port: int | None = None) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    settings = config.serve
+    forwarded = settings.forwarded_allow_ips
+    uvicorn.run(create_app(config), host=host or settings.host, port=port or settings.port,
+                proxy_headers=bool(forwarded), forwarded_allow_ips=forwarded or None,
+                server_header=False, log_level="info")
