@@ -60,15 +60,24 @@ def check_paths(paths: list[str | Path], config: Config) -> CheckReport:
     return report
 
 
+def name_problems(rendered: list[Rendered], out_dir: Path, reserved: tuple[str, ...] = ()) -> list[Problem]:
+    """Two issue files that would be built into one folder (or onto a file of `reserved`)."""
+    problems, stems = [], {}
+    for r in rendered:
+        other = stems.setdefault(r.issue.stem, Path(r.issue.path))
+        if other != Path(r.issue.path):
+            problems.append(Problem(r.issue.path, 0, 0, "", f"has the same name as {other}; "
+                                    f"both would be built into {Path(out_dir) / r.issue.stem}"))
+        elif r.issue.stem in reserved:
+            problems.append(Problem(r.issue.path, 0, 0, "", f"its name would be built onto the archive's own "
+                                    f"{Path(out_dir) / r.issue.stem}; rename the file"))
+    return problems
+
+
 def build_paths(paths: list[str | Path], config: Config, out_dir: Path, strict: bool = False) -> CheckReport:
     """Build every issue into out_dir, or, if any file has an error, build nothing."""
     report = check_paths(paths, config)
-    stems: dict[str, Path] = {}
-    for rendered in report.rendered:
-        other = stems.setdefault(rendered.issue.stem, Path(rendered.issue.path))
-        if other != Path(rendered.issue.path):
-            report.problems.append(Problem(rendered.issue.path, 0, 0, "", f"has the same name as {other}; "
-                                           f"both would be built into {Path(out_dir) / rendered.issue.stem}"))
+    report.problems.extend(name_problems(report.rendered, out_dir))
     if report.failed(strict):
         raise IssueError(report.errors or report.warnings)
     report.written = [write_issue(rendered, out_dir) for rendered in report.rendered]

@@ -77,6 +77,17 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--strict", action="store_true", help="fail on warnings too")
     build.set_defaults(run=run_build)
 
+    archive = commands.add_parser("archive", parents=[common], help="build the static web archive and its feed",
+                                  description="Write OUT/index.html (every issue, newest first), OUT/<name>/"
+                                              "index.html (each issue's web page) and OUT/feed.xml (Atom), to be "
+                                              "served at [publication] base_url. Only changed files are written; "
+                                              "if any issue file has an error, nothing is.")
+    archive.add_argument("paths", nargs="*", metavar="PATH", default=["issues"],
+                         help="issue files or folders of them (default: issues/)")
+    archive.add_argument("--out", type=Path, default=Path("site"), help="output folder (default: site/)")
+    archive.add_argument("--strict", action="store_true", help="fail on warnings too")
+    archive.set_defaults(run=run_archive)
+
     send = commands.add_parser("send", parents=[common], help="send an issue to the subscribers",
                                description="Send one personalised message per subscriber through the "
                                            "configured backend, recorded in the ledger: running it again "
@@ -195,6 +206,28 @@ def run_build(args) -> int:
     _print_problems(report.warnings)
     for folder in report.written:
         print(f"built {folder}/ (email.html, email.txt, index.html)")
+    return EXIT_OK
+
+
+def run_archive(args) -> int:
+    from .archive import build_archive
+
+    try:
+        report = build_archive(args.paths, _load_config(args), args.out, strict=args.strict)
+    except IssueError as exc:
+        _print_problems(exc.problems)
+        print(f"archive failed: nothing was written to {args.out}", file=sys.stderr)
+        return EXIT_INVALID
+    if not report.files:
+        print("no issue files found in " + ", ".join(map(str, args.paths)), file=sys.stderr)
+        return EXIT_INVALID
+    _print_problems(report.warnings)
+    for note in report.notes:
+        print(f"note: {note}")
+    for path in report.written:
+        print(f"wrote {path}")
+    print(f"archive of {len(report.rendered)} issue(s) in {args.out}/: {len(report.written)} file(s) written, "
+          f"{len(report.unchanged)} unchanged")
     return EXIT_OK
 
 

@@ -72,6 +72,15 @@ class Rendered:
     def html_bytes(self) -> int:
         return len(self.html.encode("utf-8"))
 
+    @property
+    def web_subject(self) -> str:
+        """The subject as the web shows it (no subscriber): each merge field's fallback."""
+        return _text_with_fallbacks(self.subject, self.merges)
+
+    @property
+    def web_preheader(self) -> str:
+        return _text_with_fallbacks(self.preheader, self.merges)
+
 
 def long_date(value: dt.date) -> str:
     return f"{calendar.month_name[value.month]} {value.day}, {value.year}"
@@ -187,6 +196,10 @@ def _with_fallbacks(html: str, merges: tuple[tuple[str, str], ...]) -> str:
         return html
     fallbacks = [str(escape(fallback)) for _, fallback in merges]
     return _MERGE_PLACEHOLDER.sub(lambda m: fallbacks[int(m[1])] if int(m[1]) < len(merges) else m[0], html)
+
+
+def _text_with_fallbacks(text: str, merges: tuple[tuple[str, str], ...]) -> str:
+    return _MERGE_PLACEHOLDER.sub(lambda m: merges[int(m[1])][1] if int(m[1]) < len(merges) else m[0], text)
 
 
 def _bytecode_cache() -> jinja2.BytecodeCache | None:

@@ -40,3 +40,16 @@ def write_issue(rendered: Rendered, out_dir: Path) -> Path:
     except OSError as exc:
         raise OutputError(f"cannot write to {folder}: {exc.strerror or exc}") from exc
     return folder
+
+
+def write_if_changed(path: Path, data: str) -> bool:
+    """Write `data` unless the file already holds exactly these bytes (its mtime then stays,
+    so a sync to the web server copies only what changed). True if it was written."""
+    encoded = data.encode("utf-8")
+    try:
+        if path.read_bytes() == encoded:
+            return False
+    except FileNotFoundError:
+        pass
+    write_atomic(path, data)
+    return True
