@@ -357,3 +357,27 @@ def test_disabled_signup_is_not_found(tmp_path):
     with Service(signup_env(tmp_path, signup_enabled="false")) as service:
         assert service.http.get("/subscribe").status_code == 404
         assert service.http.post("/subscribe", json={"email": "a@example.com"}).status_code == 404
+
+
+def test_confirmation_refused_as_no_such_mailbox_suppresses(tmp_path):
+    handler = Handler(refuse_rcpt="550 5.1.1 <nobody@example.com>: no such user")
+    with Server(handler, auth=False) as smtp, Service(signup_env(
+            tmp_path, send_backend="smtp", smtp_host="127.0.0.1", smtp_port=smtp.port, smtp_security="none",
+            smtp_timeout=10)) as service:
+        answer = service.http.post("/subscribe", json={"email": "nobody@example.com"})
+        assert answer.status_code == 202  # the answer went out before the server said no
+        service.settled(1)
+        assert service.signup.done == {"failed": 1}
+    with Store(service.config.store.path) as store:
+        assert store.suppressed("nobody@example.com")  # through the one outcome policy, as any bounce
+
+
+def test_unreachable_server_is_logged_not_shown(tmp_path, caplog):
+    with Service(signup_env(tmp_path, send_backend="smtp", smtp_host="127.0.0.1", smtp_port=free_port(),
+                            smtp_security="none", smtp_timeout=5)) as service:
+        answer = service.http.post("/subscribe", json={"email": "later@example.com"})
+        assert answer.status_code == 202
+        service.settled(1)
+        assert service.signup.done == {"failed": 1}
+    assert any("later@example.com" in r.getMessage() and "not sent" in r.getMessage() for r in caplog.records)
+    assert SECRET not in caplog.text
