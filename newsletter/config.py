@@ -170,6 +170,25 @@ def _is_loopback_host(host: str | None) -> bool:
         return False
 
 
+class Origins(Option):
+    """Web origins (scheme://host[:port]), separated by spaces or commas; "*" for any."""
+
+    def validate(self, value):
+        if isinstance(value, str):
+            value = value.replace(",", " ").split()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"expected a list of origins like [\"https://example.com\"], got {value!r}")
+        found = []
+        for origin in value:
+            origin = origin.strip().rstrip("/")
+            parts = urlsplit(origin) if not url_problem(origin) else None
+            if origin != "*" and (parts is None or parts.path or parts.query or parts.fragment or parts.username):
+                raise ValueError(f"expected an origin like https://example.com (scheme, host, optional port; "
+                                 f"no path), got {origin!r}")
+            found.append(origin if origin == "*" else f"{parts.scheme.lower()}://{parts.netloc.lower()}")
+        return tuple(found)
+
+
 class UrlWithToken(HttpsUrl):
     """https only: mailbox providers make the one-click POST only to https (RFC 8058 section 3)."""
 
@@ -271,6 +290,19 @@ SCHEMA: dict[str, dict[str, Option]] = {
             "region": Str(default="us-east-1"),
             "configuration_set": Str(help="an SES configuration set for event publishing")}),
     }.items()},
+    "signup": {
+        "enabled": Bool(default=False, help="answer /subscribe (sign-up with double opt-in) in `newsletter serve`"),
+        "allowed_origins": Origins(default=(), help="other sites whose pages may post to /subscribe (CORS)"),
+        "confirm_hours": Int(default=48, min=1, max=24 * 30, help="how long a confirmation link stays valid"),
+        "resend_minutes": Int(default=30, min=0, max=7 * 24 * 60,
+                              help="at most one confirmation per address in this many minutes"),
+        "address_limit": Int(default=5, min=0, max=1_000_000,
+                             help="sign-up requests per address per hour (token bucket, per process; 0: none)"),
+        "client_limit": Int(default=20, min=0, max=1_000_000,
+                            help="sign-up requests per client IP per hour (token bucket, per process; 0: none)"),
+        "backend": Choice(("outbox", "smtp"), help="what sends confirmations (default: [send] backend)"),
+        "send_timeout": Seconds(default=30.0, help="the longest one confirmation may take to send"),
+    },
     "dkim": {
         "domain": Str(help="the signing domain (d=); DKIM is on when this and the key are set"),
         "selector": Str(default="newsletter"),
@@ -326,6 +358,18 @@ class Serve:
     public_url: str | None
     forwarded_allow_ips: str | None
     max_body: int
+
+
+@dataclass(frozen=True)
+class Signup:
+    enabled: bool
+    allowed_origins: tuple[str, ...]
+    confirm_hours: int
+    resend_minutes: int
+    address_limit: int
+    client_limit: int
+    backend: str | None
+    send_timeout: float
 
 
 @dataclass(frozen=True)
@@ -393,11 +437,13 @@ class Config:
     send: Send
     smtp: Smtp
     dkim: Dkim
+    signup: Signup
     apis: dict[str, Api] = field(default_factory=dict)
 
 
 SECTIONS = {"publication": Publication, "sender": Sender, "design": Design, "store": Store, "serve": Serve,
-            "send": Send, "smtp": Smtp, "dkim": Dkim}
+            "send": Send, "smtp": Smtp, "dkim": Dkim,
+            "signup": Signup}
 
 
 def env_name(section: str, key: str) -> str:

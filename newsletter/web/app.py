@@ -9,6 +9,7 @@ from starlette.routing import Route
 
 from ..config import Config
 from ..store import Store
+from . import signup
 
 
 async def health(request: Request) -> JSONResponse:
@@ -24,10 +25,16 @@ async def health(request: Request) -> JSONResponse:
 def routes() -> list[Route]:
     return [
         Route("/health", health, methods=["GET"]),
+        Route("/subscribe", signup.form_page, methods=["GET"]),
+        Route("/subscribe", signup.subscribe, methods=["POST"]),
+        Route("/subscribe", signup.preflight, methods=["OPTIONS"]),
+        Route("/subscribe/confirm/{token}", signup.confirm_page, methods=["GET"]),
+        Route("/subscribe/confirm/{token}", signup.confirm, methods=["POST"]),
     ]
 
 
 def create_app(config: Config) -> Starlette:
     app = Starlette(routes=routes())
     app.state.config = config
+    app.state.signup = signup.Signup(config)  # checks [signup] now: a sign-up that cannot work stops start-up
     return app
