@@ -9,6 +9,7 @@ from starlette.routing import Route
 
 from ..config import Config
 from ..store import Store
+from . import webhooks
 
 
 async def health(request: Request) -> JSONResponse:
@@ -24,6 +25,11 @@ async def health(request: Request) -> JSONResponse:
 def routes() -> list[Route]:
     return [
         Route("/health", health, methods=["GET"]),
+        Route("/webhooks/sendgrid", webhooks.sendgrid_webhook, methods=["POST"]),
+        Route("/webhooks/mailgun", webhooks.mailgun_webhook, methods=["POST"]),
+        Route("/webhooks/postmark", webhooks.postmark_webhook, methods=["POST"]),
+        Route("/webhooks/resend", webhooks.resend_webhook, methods=["POST"]),
+        Route("/webhooks/ses", webhooks.ses_webhook, methods=["POST"]),
     ]
 
 
