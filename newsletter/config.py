@@ -303,6 +303,22 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "backend": Choice(("outbox", "smtp"), help="what sends confirmations (default: [send] backend)"),
         "send_timeout": Seconds(default=30.0, help="the longest one confirmation may take to send"),
     },
+    "webhooks": {  # providers' event webhooks (newsletter/web/webhooks.py); each is on when its secret is set
+        "sendgrid_public_key": Secret(help="the Signed Event Webhook's verification key (base64 DER), "
+                                           "from NEWSLETTER_WEBHOOKS_SENDGRID_PUBLIC_KEY"),
+        "mailgun_signing_key": Secret(help="the HTTP webhook signing key, from NEWSLETTER_WEBHOOKS_MAILGUN_SIGNING_KEY"),
+        "postmark_username": Secret(help="the webhook's basic-auth user, from NEWSLETTER_WEBHOOKS_POSTMARK_USERNAME"),
+        "postmark_password": Secret(help="its password, from NEWSLETTER_WEBHOOKS_POSTMARK_PASSWORD"),
+        "postmark_allow_ips": Str(help="optional: only these addresses or networks, comma-separated"),
+        "resend_secret": Secret(help="the webhook's signing secret (whsec_...), from NEWSLETTER_WEBHOOKS_RESEND_SECRET"),
+        "ses_enabled": Bool(default=False, help="take Amazon SNS notifications of SES events at /webhooks/ses"),
+        "ses_topic_arns": Str(help="optional: only these SNS topics, comma-separated"),
+        "sns_cert_host": Str(default=r"sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?",
+                             help="a regular expression the SigningCertURL and SubscribeURL host must match"),
+        "sns_ca_file": RelativePath(help="extra CA certificates (PEM) to trust when fetching from SNS (tests)"),
+        "max_age": Seconds(default=300.0, help="how old a signed timestamp may be (Mailgun, Resend)"),
+        "max_body": Int(default=10_000_000, min=1024, max=100_000_000, help="the largest webhook body taken, in bytes"),
+    },
     "dkim": {
         "domain": Str(help="the signing domain (d=); DKIM is on when this and the key are set"),
         "selector": Str(default="newsletter"),
@@ -427,6 +443,22 @@ class Dkim:
 
 
 @dataclass(frozen=True)
+class Webhooks:
+    sendgrid_public_key: str | None = field(repr=False)
+    mailgun_signing_key: str | None = field(repr=False)
+    postmark_username: str | None = field(repr=False)
+    postmark_password: str | None = field(repr=False)
+    postmark_allow_ips: str | None
+    resend_secret: str | None = field(repr=False)
+    ses_enabled: bool = False
+    ses_topic_arns: str | None = None
+    sns_cert_host: str = ""
+    sns_ca_file: Path | None = None
+    max_age: float = 300.0
+    max_body: int = 10_000_000
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     publication: Publication
@@ -439,11 +471,11 @@ class Config:
     dkim: Dkim
     signup: Signup
     apis: dict[str, Api] = field(default_factory=dict)
+    webhooks: Webhooks | None = None
 
 
 SECTIONS = {"publication": Publication, "sender": Sender, "design": Design, "store": Store, "serve": Serve,
-            "send": Send, "smtp": Smtp, "dkim": Dkim,
-            "signup": Signup}
+            "send": Send, "smtp": Smtp, "dkim": Dkim, "signup": Signup, "webhooks": Webhooks}
 
 
 def env_name(section: str, key: str) -> str:

@@ -9,7 +9,7 @@ from starlette.routing import Route
 
 from ..config import Config
 from ..store import Store
-from . import signup
+from . import signup, webhooks
 
 
 async def health(request: Request) -> JSONResponse:
@@ -30,6 +30,11 @@ def routes() -> list[Route]:
         Route("/subscribe", signup.preflight, methods=["OPTIONS"]),
         Route("/subscribe/confirm/{token}", signup.confirm_page, methods=["GET"]),
         Route("/subscribe/confirm/{token}", signup.confirm, methods=["POST"]),
+        Route("/webhooks/sendgrid", webhooks.sendgrid_webhook, methods=["POST"]),
+        Route("/webhooks/mailgun", webhooks.mailgun_webhook, methods=["POST"]),
+        Route("/webhooks/postmark", webhooks.postmark_webhook, methods=["POST"]),
+        Route("/webhooks/resend", webhooks.resend_webhook, methods=["POST"]),
+        Route("/webhooks/ses", webhooks.ses_webhook, methods=["POST"]),
     ]
 
 
