@@ -309,7 +309,10 @@ def _connect(config: Config) -> imaplib.IMAP4:
         try:
             imap.starttls(ssl_context=context)
         except BaseException:
-            imap.shutdown()
+            try:
+                imap.shutdown()
+            except OSError:
+                pass  # a failed handshake may have closed the socket already: the handshake's error counts
             raise
     return imap
 

@@ -116,12 +116,13 @@ class Dovecot:
                 found.append(parts[0][1])
             return found
 
-    def clear(self) -> None:
+    def clear(self, folders=("newsletter-processed",)) -> None:
+        """An empty INBOX, and none of `folders`."""
         with self.connect() as imap:
-            _, folders = imap.list()
-            for line in folders:
-                name = line.decode().rsplit(' "', 1)[-1].rstrip('"') if line.endswith(b'"') else line.decode().split()[-1]
-                imap.select(f'"{name}"')
+            for folder in folders:
+                imap.delete(f'"{folder}"')  # NO if it is not there: fine
+            _, data = imap.select("INBOX")
+            if int(data[0]):
                 imap.store("1:*", "+FLAGS", "\\Deleted")
                 imap.expunge()
 
