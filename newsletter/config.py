@@ -190,10 +190,10 @@ class VerpAddress(Str):
     def validate(self, value):
         value = super().validate(value)
         local = value.rpartition("@")[0]
-        if value.count("{token}") > 1 or "{token}" in value.rpartition("@")[2]:
-            raise ValueError(f"{{token}} may appear once, in the part before the @, got {value!r}")
         if address_problem(value.replace("{token}", "t")):
             raise ValueError(f"expected an address like bounces+{{token}}@example.com, got {value!r}")
+        if value.count("{token}") > 1 or "{token}" in value.rpartition("@")[2]:
+            raise ValueError(f"{{token}} may appear once, in the part before the @, got {value!r}")
         if len(local.replace("{token}", "t" * TOKEN_LENGTH)) > 64:  # RFC 5321 section 4.5.3.1.1
             raise ValueError(f"the part before the @ is over 64 characters with a token in it "
                              f"({TOKEN_LENGTH} characters): shorten {local!r}")

@@ -196,7 +196,8 @@ def classify(data: bytes, reader: _Reader) -> Verdict:
     if subject:
         address = reader.email_for_token(subject.group(1))
         if not address:
-            return Verdict("unknown", why=f"{mail_id}: an unsubscribe request whose token does not verify")
+            return Verdict("unknown", why=f"{mail_id}: an unsubscribe request whose token does not verify "
+                                          "or names nobody we sent to")
         return Verdict("unsubscribe", [Event(UNSUBSCRIBE, address, "mailto", "unsubscribe mail", mail_id)])
     if _AUTOMATIC_FROM.search(str(msg.get("From", ""))) or str(msg.get("Return-Path", "")).strip() == "<>":
         return _other_bounce(msg, mail_id, reader)
@@ -263,6 +264,12 @@ def _other_bounce(msg: MailMessage, mail_id: str, reader: _Reader) -> Verdict:
     return _bounce_events(verdicts, mail_id, verp, issue, by_message_id)
 
 
+def _tokens_in(text: str) -> list[str]:
+    """Candidate tokens: the last TOKEN_LENGTH characters of each long base64url run
+    ("...unsubscribe%20TOKEN" runs the "20" into it)."""
+    return [run[-TOKEN_LENGTH:] for run in re.findall(r"[A-Za-z0-9_-]{%d,}" % TOKEN_LENGTH, text)]
+
+
 def _arf(msg: MailMessage, mail_id: str, reader: _Reader) -> Verdict:
     part = next((p for p in msg.walk() if p.get_content_type() == "message/feedback-report"), None)
     report = _fields(part)[0] if part is not None and _fields(part) else None
@@ -275,8 +282,8 @@ def _arf(msg: MailMessage, mail_id: str, reader: _Reader) -> Verdict:
     issue, by_message_id = _about(returned, reader)
     address = verp[0] if verp else None
     if not address and returned is not None:  # our List-Unsubscribe carries the reader's signed token
-        token = re.search(r"/([A-Za-z0-9_-]{%d})(?=[>?/])" % TOKEN_LENGTH, str(returned.get("List-Unsubscribe", "")))
-        address = reader.email_for_token(token.group(1)) if token else None
+        address = next(filter(None, map(reader.email_for_token, _tokens_in(str(returned.get("List-Unsubscribe", ""))))),
+                       None)
     address = address or by_message_id or _address_field(report.get("Original-Rcpt-To"))
     if not address and returned is not None:
         address = next((a.lower() for _, a in getaddresses(_header_values(returned, "To")) if "@" in a), None)
@@ -326,6 +333,8 @@ def read_inbox(config: Config) -> InboxSummary:
         ("secret", config.send.secret, "set NEWSLETTER_SECRET, the one the messages were sent with: "
                                        "it verifies unsubscribe and VERP tokens"),
     ) if not value]
+    if settings.processed_folder == settings.folder:
+        missing.append(f"{config.path}: inbox.processed_folder: must differ from inbox.folder ({settings.folder!r})")
     if missing:
         raise ConfigError([m.replace("inbox.secret", "send.secret") for m in missing])
     signer = Signer(config.send.secret.encode("utf-8"), config.publication.list_id)

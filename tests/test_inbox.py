@@ -129,10 +129,12 @@ def dsn(mail_id, to=MAILBOX, recipient=None, status="5.1.1", action="failed", di
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
 
-def arf(mail_id, returned, original_mail_from=None):
+def arf(mail_id, returned=None, original_mail_from=None):
     """A complaint as a mailbox provider's feedback loop sends one (RFC 5965), the reader's
     address redacted from the returned message as some providers do."""
-    returned = "\r\n".join(line for line in returned.replace("\r\n", "\n").split("\n") if not line.startswith("To:"))
+    if returned:
+        returned = "\r\n".join(line for line in returned.replace("\r\n", "\n").split("\n")
+                             if not line.startswith("To:"))
     lines = [
         "From: feedback@fbl.example.net", f"To: {MAILBOX}", "Subject: Abuse report",
         f"Message-ID: <{mail_id}@fbl.example.net>", "Date: Tue, 01 Dec 2026 10:00:00 +0000", "MIME-Version: 1.0",
@@ -142,7 +144,7 @@ def arf(mail_id, returned, original_mail_from=None):
         "Feedback-Type: abuse", "User-Agent: ExampleFBL/1.0", "Version: 1",
         *([f"Original-Mail-From: <{original_mail_from}>"] if original_mail_from else []),
         "Arrival-Date: Tue, 01 Dec 2026 09:00:00 +0000", "",
-        "--B2", "Content-Type: text/rfc822-headers", "", returned, "",
+        *(["--B2", "Content-Type: text/rfc822-headers", "", returned, ""] if returned else []),
         "--B2--",
     ]
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
@@ -221,6 +223,17 @@ def test_a_complaint_suppresses_the_reader(world):
     assert "1 complaint(s)" in result.stdout
     assert world.row(READERS[2]) == ("complained", "sent", True)  # it arrived; they do not want it
     assert all(world.row(r) == UNTOUCHED for r in READERS if r != READERS[2])
+
+
+def test_a_complaint_found_by_its_verp_address_alone(world):
+    world.dovecot.append(arf("fbl2", original_mail_from=world.received[READERS[5]].mail_from))
+    forged = world.received[READERS[4]].mail_from[:-len("@watchman.example") - 4] + "AAAA@watchman.example"
+    world.dovecot.append(arf("fbl3", original_mail_from=forged))
+    result = world.run()
+    assert result.returncode == 0, result.stderr
+    assert "1 complaint(s)" in result.stdout and "1 left in INBOX" in result.stdout
+    assert world.row(READERS[5]) == ("complained", "sent", True)
+    assert all(world.row(r) == UNTOUCHED for r in READERS[:5])
 
 
 def test_unsubscribe_mail_with_a_valid_token_and_a_forged_one(world):
@@ -331,3 +344,20 @@ def test_missing_settings_are_named(world):
     result = run_cli("inbox", env=env)
     assert result.returncode == 2
     assert "inbox.host" in result.stderr and "NEWSLETTER_INBOX_PASSWORD" in result.stderr
+
+
+@pytest.mark.parametrize("value, words", [
+    ("bounces+{token}@{token}.example", "may appear once"),
+    ("a-very-long-prefix-here+{token}@watchman.example", "over 64 characters"),
+    ("bounces+{token}", "expected an address"),
+])
+def test_a_bad_bounce_address_is_refused_by_key(value, words):
+    from newsletter.errors import ConfigError
+    with pytest.raises(ConfigError) as caught:
+        config_for({"NEWSLETTER_SEND_BOUNCE_ADDRESS": value})
+    assert "NEWSLETTER_SEND_BOUNCE_ADDRESS" in str(caught.value) and words in str(caught.value)
+
+
+def test_the_processed_folder_must_differ(world):
+    result = world.run(inbox_processed_folder="INBOX")
+    assert result.returncode == 2 and "inbox.processed_folder: must differ" in result.stderr
