@@ -361,3 +361,18 @@ def test_a_bad_bounce_address_is_refused_by_key(value, words):
 def test_the_processed_folder_must_differ(world):
     result = world.run(inbox_processed_folder="INBOX")
     assert result.returncode == 2 and "inbox.processed_folder: must differ" in result.stderr
+
+
+@pytest.mark.parametrize("capabilities", [{"UIDPLUS"}, set()], ids=["copy-uid-expunge", "copy-expunge"])
+def test_filing_without_move(dovecot, capabilities):
+    """Servers without MOVE (RFC 6851): COPY, \\Deleted, and an expunge of exactly those where UIDPLUS allows."""
+    from newsletter.inbox import _file
+    dovecot.clear(folders=("filed-here",))
+    for n in range(3):
+        dovecot.append(unsubscribe_mail(f"file{n}", "x"))
+    with dovecot.connect() as imap:
+        imap.select("INBOX")
+        uids = imap.uid("SEARCH", None, "ALL")[1][0].split()
+        _file(imap, uids[:2], "filed-here", capabilities)
+    assert [b"file2" in m for m in dovecot.messages()] == [True]
+    assert sorted(m.split(b"Message-ID: <")[1][:5] for m in dovecot.messages("filed-here")) == [b"file0", b"file1"]
