@@ -286,7 +286,8 @@ def run_inbox(args) -> int:
     print(f"{summary.folder}: {c['hard_bounce']} hard bounce(s), {c['soft_bounce']} soft bounce(s), "
           f"{c['complaint']} complaint(s), {c['unsubscribe']} unsubscribe(s) applied; "
           f"{len(summary.not_readers)} bounce(s) not the reader's fault; {summary.replays} applied before; "
-          f"{summary.filed} mail(s) moved to {summary.processed_folder}; {len(summary.unknown)} left in {summary.folder}")
+          f"{summary.filed} mail(s) moved to {summary.processed_folder}; "
+          f"{len(summary.unknown)} left in {summary.folder}")
     for words in summary.not_readers:
         print(f"not the reader's fault, nobody suppressed (check the sending settings): {words}", file=sys.stderr)
     for why in summary.unknown:

@@ -270,8 +270,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "breaker": Int(default=10, min=0, max=1_000_000,
                        help="stop the run when this many recipients in a row get the same refusal (0: never)"),
         "secret": Secret(help="signs unsubscribe tokens; from NEWSLETTER_SEND_SECRET or NEWSLETTER_SECRET"),
-        "bounce_address": VerpAddress(help="the envelope sender (Return-Path) for SMTP, with {token} in its local "
-                                           "part for VERP, e.g. bounces+{token}@example.com (default: [sender] address)"),
+        "bounce_address": VerpAddress(help="the envelope sender (Return-Path) for SMTP, with {token} in its "
+                                           "local part for VERP, e.g. bounces+{token}@example.com "
+                                           "(default: [sender] address)"),
     },
     "smtp": {
         "host": Str(default="localhost"),
