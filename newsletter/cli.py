@@ -114,6 +114,13 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override [serve] port")
     serve.set_defaults(run=run_serve)
 
+    inbox = commands.add_parser(
+        "inbox", parents=[common], help="read bounces, complaints and mailto unsubscribes from the bounce mailbox",
+        description="Read [inbox] folder over IMAP (TLS verified; the password from NEWSLETTER_INBOX_PASSWORD): "
+                    "apply each bounce (RFC 3464), complaint (RFC 5965) and unsubscribe mail once, and move it to "
+                    "[inbox] processed_folder. What it cannot classify stays in the folder.")
+    inbox.set_defaults(run=run_inbox)
+
     status = commands.add_parser("status", parents=[common], help="show how a send is going",
                                  description="Counts by state and the failures with the server's replies.")
     status.add_argument("issue", metavar="ISSUE", help="the issue file or its name")
@@ -301,6 +308,23 @@ def run_serve(args) -> int:
     from .web.server import run
 
     run(_load_config(args), args.host, args.port)
+    return EXIT_OK
+
+
+def run_inbox(args) -> int:
+    from .inbox import read_inbox
+
+    summary = read_inbox(_load_config(args))
+    c = summary.counts
+    print(f"{summary.folder}: {c['hard_bounce']} hard bounce(s), {c['soft_bounce']} soft bounce(s), "
+          f"{c['complaint']} complaint(s), {c['unsubscribe']} unsubscribe(s) applied; "
+          f"{len(summary.not_readers)} bounce(s) not the reader's fault; {summary.replays} applied before; "
+          f"{summary.filed} mail(s) moved to {summary.processed_folder}; "
+          f"{len(summary.unknown)} left in {summary.folder}")
+    for words in summary.not_readers:
+        print(f"not the reader's fault, nobody suppressed (check the sending settings): {words}", file=sys.stderr)
+    for why in summary.unknown:
+        print(f"left in {summary.folder}: {why}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from .checks import address_problem, one_line_problem, suggest, url_problem
 from .errors import ConfigError
+from .tokens import TOKEN_LENGTH
 
 CONFIG_FILE = "newsletter.toml"
 BACKENDS = ("outbox", "smtp", "sendgrid", "mailgun", "postmark", "resend", "ses")
@@ -202,6 +203,32 @@ class UrlWithToken(HttpsUrl):
         return value.replace("TOKEN", "{token}")
 
 
+class VerpAddress(Str):
+    """An address, with at most one {token} in its local part (VERP: each bounce names its reader)."""
+
+    def validate(self, value):
+        value = super().validate(value)
+        local = value.rpartition("@")[0]
+        if address_problem(value.replace("{token}", "t")):
+            raise ValueError(f"expected an address like bounces+{{token}}@example.com, got {value!r}")
+        if value.count("{token}") > 1 or "{token}" in value.rpartition("@")[2]:
+            raise ValueError(f"{{token}} may appear once, in the part before the @, got {value!r}")
+        if len(local.replace("{token}", "t" * TOKEN_LENGTH)) > 64:  # RFC 5321 section 4.5.3.1.1
+            raise ValueError(f"the part before the @ is over 64 characters with a token in it "
+                             f"({TOKEN_LENGTH} characters): shorten {local!r}")
+        return value
+
+
+class MailboxName(Str):
+    """An IMAP folder name: printable ASCII (others need modified UTF-7), no quotes."""
+
+    def validate(self, value):
+        value = super().validate(value)
+        if not re.fullmatch(r"[\x20-\x7e]+", value) or '"' in value or "\\" in value:
+            raise ValueError(f"expected a folder name in printable ASCII without quotes or backslashes, got {value!r}")
+        return value
+
+
 def _api_options(provider: str, base_url: str, batch: int, rate: float, extra: dict) -> dict[str, Option]:
     """The settings every HTTP API backend has, with the provider's own defaults."""
     return {
@@ -262,6 +289,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "breaker": Int(default=10, min=0, max=1_000_000,
                        help="stop the run when this many recipients in a row get the same refusal (0: never)"),
         "secret": Secret(help="signs unsubscribe tokens; from NEWSLETTER_SEND_SECRET or NEWSLETTER_SECRET"),
+        "bounce_address": VerpAddress(help="the envelope sender (Return-Path) for SMTP, with {token} in its "
+                                           "local part for VERP, e.g. bounces+{token}@example.com "
+                                           "(default: [sender] address)"),
     },
     "smtp": {
         "host": Str(default="localhost"),
@@ -318,6 +348,17 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "sns_ca_file": RelativePath(help="extra CA certificates (PEM) to trust when fetching from SNS (tests)"),
         "max_age": Seconds(default=300.0, help="how old a signed timestamp may be (Mailgun, Resend)"),
         "max_body": Int(default=10_000_000, min=1024, max=100_000_000, help="the largest webhook body taken, in bytes"),
+    },
+    "inbox": {  # `newsletter inbox`: bounces, complaints and mailto unsubscribes read over IMAP
+        "host": Str(help="the IMAP server of the bounce mailbox"),
+        "port": Int(default=993, min=1, max=65535),
+        "security": Choice(("ssl", "starttls"), default="ssl", help="IMAPS or STARTTLS; the certificate is verified"),
+        "username": Str(),
+        "password": Secret(help="from NEWSLETTER_INBOX_PASSWORD"),
+        "folder": MailboxName(default="INBOX", help="where bounces arrive"),
+        "processed_folder": MailboxName(default="newsletter-processed", help="where handled mail is moved"),
+        "ca_file": RelativePath(help="extra CA certificates (PEM) to trust, e.g. a private server's"),
+        "timeout": Seconds(default=30.0),
     },
     "dkim": {
         "domain": Str(help="the signing domain (d=); DKIM is on when this and the key are set"),
@@ -398,6 +439,7 @@ class Send:
     max_wait: float
     breaker: int
     secret: str | None = field(repr=False)
+    bounce_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -459,6 +501,19 @@ class Webhooks:
 
 
 @dataclass(frozen=True)
+class Inbox:
+    host: str | None
+    port: int
+    security: str
+    username: str | None
+    password: str | None = field(repr=False)
+    folder: str = "INBOX"
+    processed_folder: str = "newsletter-processed"
+    ca_file: Path | None = None
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     publication: Publication
@@ -472,10 +527,11 @@ class Config:
     signup: Signup
     apis: dict[str, Api] = field(default_factory=dict)
     webhooks: Webhooks | None = None
+    inbox: Inbox | None = None
 
 
 SECTIONS = {"publication": Publication, "sender": Sender, "design": Design, "store": Store, "serve": Serve,
-            "send": Send, "smtp": Smtp, "dkim": Dkim, "signup": Signup, "webhooks": Webhooks}
+            "send": Send, "smtp": Smtp, "dkim": Dkim, "signup": Signup, "webhooks": Webhooks, "inbox": Inbox}
 
 
 def env_name(section: str, key: str) -> str:

@@ -217,12 +217,13 @@ class Message:
     def __init__(self, factory: "MessageFactory", recipient: str, name: str | None, rkey: str,
                  now: dt.datetime | None = None, fields: dict | None = None):
         self.factory = factory
-        self.sender = factory.envelope_sender  # envelope MAIL FROM
         self.recipient = recipient  # envelope RCPT TO
         self.name = name
         self.rkey = rkey
         self.message_id = f"<{factory.id_prefix}.{rkey}@{factory.domain}>"
         token = factory.signer.token(rkey)
+        # envelope MAIL FROM; with VERP ([send] bounce_address) it names this reader, for `newsletter inbox`
+        self.sender = factory.envelope_sender.replace("{token}", token) if factory.verp else factory.envelope_sender
         self.unsubscribe_url = factory.unsubscribe_url.replace("{token}", token)
         entries = [f"<{self.unsubscribe_url}>"]
         if factory.unsubscribe_mailto:
@@ -312,7 +313,9 @@ class MessageFactory:
         self.unsubscribe_url = pub.unsubscribe_url
         self.unsubscribe_mailto = pub.unsubscribe_mailto
         self.domain = sender.domain
-        self.envelope_sender = sender.address
+        self.from_email = sender.address
+        self.envelope_sender = config.send.bounce_address or sender.address
+        self.verp = "{token}" in self.envelope_sender
         digest = hashlib.sha256(rendered.html.encode("utf-8") + rendered.text.encode("utf-8")).hexdigest()
         self.digest = digest
         # Stable per issue and recipient: a message sent again after a crash keeps its

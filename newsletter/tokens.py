@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 VERSION = b"\x01"
 KEY_BYTES, TAG_BYTES, SIG_BYTES = 16, 4, 16
+TOKEN_LENGTH = -(-(1 + KEY_BYTES + TAG_BYTES + SIG_BYTES) * 4 // 3)  # unpadded base64: 50 characters
 
 
 class TokenError(ValueError):

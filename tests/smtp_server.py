@@ -39,6 +39,7 @@ class Received:
     recipient: str
     data: bytes
     session: int
+    mail_from: str = ""  # the envelope sender (VERP: the reader's own bounce address)
 
 
 @dataclass
@@ -101,7 +102,7 @@ class Handler:
             return self.refuse_data
         with self.lock:
             for rcpt in envelope.rcpt_tos:
-                self.received.append(Received(rcpt, envelope.original_content, id(session)))
+                self.received.append(Received(rcpt, envelope.original_content, id(session), envelope.mail_from))
             n = len(self.received)
         return f"250 2.0.0 Ok: queued as {n}"
 

@@ -75,7 +75,7 @@ class Backend(HttpBackend):
         [message] = messages  # SendEmail takes one message; batch_size is 1
         # The body is joined as bytes around the base64 (which needs no JSON escaping):
         # json.dumps of a 55 KB string, then encoding it, cost more than the base64 itself.
-        head = json.dumps({"FromEmailAddress": message.sender,
+        head = json.dumps({"FromEmailAddress": message.factory.from_email,  # never the VERP bounce address
                            "Destination": {"ToAddresses": [message.recipient]}})[:-1]
         tail = self._tail
         if tail is None:
