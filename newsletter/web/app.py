@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..config import Config
 from ..store import Store
+from . import unsubscribe
+from .plumbing import AccessLog, BodyLimit
 
 
 async def health(request: Request) -> JSONResponse:
@@ -21,13 +24,16 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-def routes() -> list[Route]:
+def routes(config: Config | None = None) -> list[Route]:
     return [
         Route("/health", health, methods=["GET"]),
+        Route(unsubscribe.route_path(config), unsubscribe.one_click, methods=["GET", "POST"]),
     ]
 
 
 def create_app(config: Config) -> Starlette:
-    app = Starlette(routes=routes())
+    # Outermost first: every request is logged, including those the body limit refuses.
+    app = Starlette(routes=routes(config), middleware=[Middleware(AccessLog),
+                                                       Middleware(BodyLimit, max_body=config.serve.max_body)])
     app.state.config = config
     return app
