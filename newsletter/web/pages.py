@@ -64,6 +64,10 @@ recent issue of {{ name }}, copied whole, or reply to that issue and ask to be r
 <p>The link is genuine, but {{ name }} has no record of where it was sent. Reply to the
 issue you received and ask to be removed.</p>
 {% endblock %}""",
+    "unavailable.html": """{% extends "layout.html" %}{% block title %}Try again{% endblock %}{% block body %}
+<h1>Please try again in a minute</h1>
+<p>{{ name }} could not record this just now. Nothing was changed; the same link will work.</p>
+{% endblock %}""",
     "bad-request.html": """{% extends "layout.html" %}{% block title %}Bad request{% endblock %}{% block body %}
 <h1>This request was not understood</h1>
 <p>{{ detail }} Nothing was changed.</p>

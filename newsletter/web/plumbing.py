@@ -1,5 +1,5 @@
 """The service's plumbing, the same for every route: a limit on request bodies, one JSON
-access-log line per request, and one store connection per worker thread.
+access-log line per request, and the store's own thread.
 
 Access log lines hold the method, the path with anything secret-looking replaced by "…",
 the status and the time taken. Never the query string (confirmation and unsubscribe
@@ -10,8 +10,10 @@ reader's IP to their address. The TLS proxy in front keeps its own log for abuse
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import queue
 import re
 import sys
 import threading
@@ -117,19 +119,69 @@ class BodyLimit:
         await PlainTextResponse(self._words(), 413, headers={"Connection": "close"})(scope, receive, send)
 
 
-_local = threading.local()
+class StoreThread:
+    """The store's one thread and connection in this process: handlers `await
+    store_thread(path).call(fn, *args)` and fn(store, *args) runs there, so the event loop
+    never waits on SQLite (a write may wait up to the 30 s busy timeout while a `send`
+    commits). Calls are taken in rounds, everything queued at once, and answered in one
+    wake-up of the loop: a thread hand-off per request (run_in_threadpool) cost more than
+    the write itself, and 32 threads each with a connection slept in SQLite's busy handler
+    (1, 2, 5 ms ...) waiting for each other. Each call's own writes are committed before
+    its answer, as before."""
+
+    def __init__(self, path: str | Path):
+        self.path = path
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=f"store {path}", daemon=True)
+        self.thread.start()
+
+    async def call(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.queue.put((fn, args, loop, future))
+        return await future
+
+    def _run(self) -> None:
+        store: Store | None = None
+        while True:
+            calls = [self.queue.get()]
+            while True:
+                try:
+                    calls.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            answers: dict = {}
+            for fn, args, loop, future in calls:
+                try:
+                    if store is None:
+                        store = Store(self.path)
+                    answers.setdefault(loop, []).append((future, True, fn(store, *args)))
+                except BaseException as exc:  # handed to the handler, which says 503
+                    answers.setdefault(loop, []).append((future, False, exc))
+            for loop, done in answers.items():
+                try:
+                    loop.call_soon_threadsafe(_settle, done)
+                except RuntimeError:  # that loop has closed: nobody is waiting
+                    pass
 
 
-def thread_store(path: str | Path) -> Store:
-    """This thread's connection to the store, opened on first use and kept: opening one per
-    request costs more than an unsubscribe. Call only from a worker thread
-    (run_in_threadpool), never on the event loop: a write may wait up to the store's 30 s
-    busy timeout while a send commits."""
-    stores = getattr(_local, "stores", None)
-    if stores is None:
-        stores = _local.stores = {}
-    key = str(path)
-    store = stores.get(key)
-    if store is None:
-        store = stores[key] = Store(path)
-    return store
+def _settle(done) -> None:
+    for future, ok, value in done:
+        if future.done():  # the request was cancelled (client gone)
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+_threads: dict[str, StoreThread] = {}
+_threads_lock = threading.Lock()
+
+
+def store_thread(path: str | Path) -> StoreThread:
+    with _threads_lock:
+        found = _threads.get(str(path))
+        if found is None:
+            found = _threads[str(path)] = StoreThread(path)
+        return found

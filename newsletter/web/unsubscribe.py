@@ -15,19 +15,20 @@ the same link.
 from __future__ import annotations
 
 import functools
+import sqlite3
 from urllib.parse import urlsplit
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from ..config import Config
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreError
 from ..outcome import UNSUBSCRIBE, Event
 from ..recipients import Recipient
+from ..store import Store
 from ..tokens import Signer, TokenError
 from .pages import page
-from .plumbing import thread_store
+from .plumbing import store_thread
 
 DEFAULT_PATH = "/unsubscribe/{token}"
 FIELD, VALUE = "List-Unsubscribe", "One-Click"
@@ -69,9 +70,8 @@ def _token(request: Request) -> str:
     return ""
 
 
-def _unsubscribe(store_path, rkey: str) -> bool:
-    """Runs in a worker thread. False when the store knows no such recipient key."""
-    store = thread_store(store_path)
+def _unsubscribe(store: Store, rkey: str) -> bool:
+    """In the store's thread. False when the store knows no such recipient key."""
     email = store.email_for_key(rkey)
     if email is None:
         return False
@@ -84,8 +84,8 @@ def _unsubscribe(store_path, rkey: str) -> bool:
     return True
 
 
-def _known(store_path, rkey: str) -> bool:
-    return thread_store(store_path).email_for_key(rkey) is not None
+def _known(store: Store, rkey: str) -> bool:
+    return store.email_for_key(rkey) is not None
 
 
 async def one_click(request: Request) -> HTMLResponse:
@@ -96,7 +96,10 @@ async def one_click(request: Request) -> HTMLResponse:
     except TokenError:
         return page("invalid", name, status=400)
     if request.method == "GET" or request.method == "HEAD":
-        known = await run_in_threadpool(_known, config.store.path, rkey)
+        try:
+            known = await store_thread(config.store.path).call(_known, rkey)
+        except (StoreError, sqlite3.Error):
+            return page("unavailable", name, status=503)
         return page("confirm", name) if known else page("unknown", name, status=404)
 
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -107,6 +110,10 @@ async def one_click(request: Request) -> HTMLResponse:
         said = form.get(FIELD)
     if said != VALUE:
         return page("bad-request", name, status=400, detail=f"The body must be {FIELD}={VALUE}.")
-    if not await run_in_threadpool(_unsubscribe, config.store.path, rkey):
+    try:
+        found = await store_thread(config.store.path).call(_unsubscribe, rkey)
+    except (StoreError, sqlite3.Error):  # the store unreachable, or locked past its 30 s
+        return page("unavailable", name, status=503)
+    if not found:
         return page("unknown", name, status=404)
     return page("done", name)
