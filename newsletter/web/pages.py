@@ -8,6 +8,8 @@ where every value is escaped.
 
 from __future__ import annotations
 
+import functools
+
 from jinja2 import DictLoader, Environment, select_autoescape
 from starlette.responses import HTMLResponse
 
@@ -85,6 +87,11 @@ HEADERS = {
 }
 
 
-def page(which: str, name: str, status: int = 200, **values) -> HTMLResponse:
-    html = _env.get_template(f"{which}.html").render(name=name, **values)
-    return HTMLResponse(html, status_code=status, headers=HEADERS)
+def page(which: str, name: str, status: int = 200, detail: str = "") -> HTMLResponse:
+    return HTMLResponse(_html(which, name, detail), status_code=status, headers=HEADERS)
+
+
+@functools.lru_cache(maxsize=64)
+def _html(which: str, name: str, detail: str) -> bytes:
+    """The pages hold nothing of the reader's: made once each, not once a request."""
+    return _env.get_template(f"{which}.html").render(name=name, detail=detail).encode("utf-8")
