@@ -233,7 +233,7 @@ def main() -> int:
             theirs.append(anchor(wrk, folder, tokens, script, args.connections, args.seconds, run))
     a, b = statistics.median(mine), statistics.median(theirs)
     print(f"machine: {os.cpu_count()} CPUs ({cpu_model()}), Python {sys.version.split()[0]}, "
-          f"uvicorn {uvicorn.__version__}, {tool_version([wrk, '--version']) or 'wrk'}")
+          f"uvicorn {uvicorn.__version__}, wrk {tool_version(['dpkg-query', '-W', '-f=${Version}', 'wrk'])}")
     print(f"command: .venv/bin/python bench/serve.py --subscribers {args.subscribers} --seconds {args.seconds:g} "
           f"--repeat {args.repeat} --connections {args.connections}")
     print()

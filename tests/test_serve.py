@@ -23,6 +23,7 @@ import pytest
 
 from browser import FLAGS, chromium_path
 from conftest import EXAMPLE, ROOT, addresses, config_for, run_cli, subscribe
+from newsletter.recipients import Recipient
 from newsletter.store import Store
 from newsletter.tokens import Signer
 from smtp_server import Handler, Server, free_port, make_certificate
@@ -93,8 +94,10 @@ def served(tmp_path_factory):
     signer = signer_for(config)
     with Store(config.store.path) as store:
         store.enqueue_subscribers("2021-08-13-china-taliban", signer.recipient_key)
+        # and one sent to from a list file (`send --to`): a ledger row, but no subscriber
+        store.enqueue("2021-08-13-china-taliban", [Recipient("listed@example.com")], signer.recipient_key)
     service = Service(env, tmp)
-    tokens = {a: signer.token(signer.recipient_key(a)) for a in addresses(40)}
+    tokens = {a: signer.token(signer.recipient_key(a)) for a in addresses(40) + ["listed@example.com"]}
     yield service, config, tokens
     service.stop()
 
@@ -123,6 +126,37 @@ def test_the_one_click_post_unsubscribes_at_once(served, kind):
     again = service.unsubscribe(tokens[reader])  # a second click, or the provider retrying
     assert_plain_success(again)
     assert status_of(config, reader) == ("unsubscribed", "one-click")
+
+
+def test_a_reader_sent_to_from_a_list_is_kept_as_unsubscribed(served):
+    service, config, tokens = served
+    assert status_of(config, "listed@example.com") is None
+    assert_plain_success(service.unsubscribe(tokens["listed@example.com"]))
+    assert status_of(config, "listed@example.com") == ("unsubscribed", "one-click")
+    with Store(config.store.path) as store:  # what the next `send --to` checks
+        assert store.blocked(["listed@example.com"]) == {"listed@example.com"}
+
+
+def test_a_token_in_the_query_string(tmp_path):
+    """unsubscribe_url = https://…/u?t={token}: the route is /u, the token read from t."""
+    env = settings_env(tmp_path, 1, publication_unsubscribe_url="https://news.example.com/u?t={token}")
+    config = config_for(env)
+    subscribe(config, ["q@example.com"])
+    signer = signer_for(config)
+    with Store(config.store.path) as store:
+        store.enqueue_subscribers("2021-08-13-china-taliban", signer.recipient_key)
+    service = Service(env, tmp_path)
+    try:
+        token = signer.token(signer.recipient_key("q@example.com"))
+        assert service.client.post("/u", content=ONE_CLICK, headers={"content-type": FORM}).status_code == 400
+        assert service.client.get("/u", params={"t": token}).status_code == 200
+        assert status_of(config, "q@example.com")[0] == "subscribed"
+        response = service.client.post("/u", params={"t": token}, content=ONE_CLICK, headers={"content-type": FORM})
+        assert_plain_success(response)
+        assert status_of(config, "q@example.com") == ("unsubscribed", "one-click")
+    finally:
+        log = service.stop()
+    assert token not in log and "/u" in log
 
 
 def test_a_get_shows_a_button_and_never_unsubscribes(served):

@@ -11,7 +11,7 @@ from starlette.routing import Route
 from ..config import Config
 from ..store import Store
 from . import unsubscribe
-from .plumbing import AccessLog, BodyLimit
+from .plumbing import Plumbing
 
 
 async def health(request: Request) -> JSONResponse:
@@ -32,8 +32,6 @@ def routes(config: Config | None = None) -> list[Route]:
 
 
 def create_app(config: Config) -> Starlette:
-    # Outermost first: every request is logged, including those the body limit refuses.
-    app = Starlette(routes=routes(config), middleware=[Middleware(AccessLog),
-                                                       Middleware(BodyLimit, max_body=config.serve.max_body)])
+    app = Starlette(routes=routes(config), middleware=[Middleware(Plumbing, max_body=config.serve.max_body)])
     app.state.config = config
     return app

@@ -87,11 +87,9 @@ HEADERS = {
 }
 
 
-def page(which: str, name: str, status: int = 200, detail: str = "") -> HTMLResponse:
-    return HTMLResponse(_html(which, name, detail), status_code=status, headers=HEADERS)
-
-
 @functools.lru_cache(maxsize=64)
-def _html(which: str, name: str, detail: str) -> bytes:
-    """The pages hold nothing of the reader's: made once each, not once a request."""
-    return _env.get_template(f"{which}.html").render(name=name, detail=detail).encode("utf-8")
+def page(which: str, name: str, status: int = 200, detail: str = "") -> HTMLResponse:
+    """The pages hold nothing of the reader's, so each is made once and its response sent
+    as often as asked (a Response is only read when sent; nothing here sets cookies on one)."""
+    html = _env.get_template(f"{which}.html").render(name=name, detail=detail)
+    return HTMLResponse(html, status_code=status, headers=HEADERS)

@@ -57,34 +57,12 @@ def loggable_path(scope) -> str:
     return "/".join(REDACTED if s in hidden else s for s in segments)
 
 
-class AccessLog:
-    """Pure ASGI (no BaseHTTPMiddleware): it must not buffer bodies or change streaming."""
+class Plumbing:
+    """The access log and the body limit, in one pure ASGI layer (not BaseHTTPMiddleware,
+    which would buffer bodies and costs more a request).
 
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        status = [500]  # what the server sends if the app fails before answering
-
-        async def send_and_note(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            access_log.info(json.dumps({
-                "method": scope.get("method"), "path": loggable_path(scope), "status": status[0],
-                "ms": round((time.perf_counter() - start) * 1000, 2)}, ensure_ascii=False))
-
-
-class BodyLimit:
-    """413 for a body over `max_body` bytes: at once when Content-Length says so, and while
-    reading otherwise (chunked, or a client that lies), before any handler has seen it whole."""
+    413 for a body over `max_body` bytes: at once when Content-Length says so, and while
+    reading otherwise (chunked, or a client that lies), before a handler has seen it whole."""
 
     def __init__(self, app, max_body: int):
         self.app, self.max_body = app, max_body
@@ -92,13 +70,15 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                return await PlainTextResponse("Bad Content-Length.\n", 400)(scope, receive, send)
-            if int(length) > self.max_body:
-                return await self._too_large(scope, receive, send)
+        start = time.perf_counter()
+        status = 500  # what the server sends if the app fails before answering
         seen = 0
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
 
         async def counted():
             nonlocal seen
@@ -110,13 +90,25 @@ class BodyLimit:
                     raise HTTPException(413, self._words())
             return message
 
-        await self.app(scope, counted, send)
+        try:
+            length = None
+            for name, value in scope.get("headers") or ():
+                if name == b"content-length":
+                    length = value
+            if length is not None and not length.isdigit():
+                await PlainTextResponse("Bad Content-Length.\n", 400)(scope, receive, send_and_note)
+            elif length is not None and int(length) > self.max_body:
+                await PlainTextResponse(self._words(), 413, headers={"Connection": "close"})(
+                    scope, receive, send_and_note)
+            else:
+                await self.app(scope, counted, send_and_note)
+        finally:
+            access_log.info(json.dumps({
+                "method": scope.get("method"), "path": loggable_path(scope), "status": status,
+                "ms": round((time.perf_counter() - start) * 1000, 2)}, ensure_ascii=False))
 
     def _words(self) -> str:
         return f"The request body is larger than this service takes ({self.max_body} bytes).\n"
-
-    async def _too_large(self, scope, receive, send):
-        await PlainTextResponse(self._words(), 413, headers={"Connection": "close"})(scope, receive, send)
 
 
 class StoreThread:
