@@ -462,3 +462,22 @@ class Chromium:
                 return value
             time.sleep(0.05)
         raise AssertionError(f"never true within {self.TIMEOUT} s: {expression}")
+
+
+def test_a_transaction_inside_another_joins_it(tmp_path):
+    """The service commits a round of unsubscribes at once: record_event's own transaction
+    joins the round's, and a round rolled back leaves nothing behind."""
+    config = config_for(settings_env(tmp_path, 1))
+    subscribe(config, ["a@example.com", "b@example.com"])
+    from newsletter.outcome import UNSUBSCRIBE, Event
+    with Store(config.store.path) as store:
+        with pytest.raises(RuntimeError):
+            with store.transaction():
+                assert store.record_event(Event(UNSUBSCRIBE, "a@example.com", "one-click"))
+                raise RuntimeError("a later call in the round failed")
+        assert status_of(config, "a@example.com")[0] == "subscribed"
+        with store.transaction():
+            store.record_event(Event(UNSUBSCRIBE, "a@example.com", "one-click"))
+            store.record_event(Event(UNSUBSCRIBE, "b@example.com", "one-click"))
+        assert not store.db.in_transaction
+    assert status_of(config, "a@example.com")[0] == status_of(config, "b@example.com")[0] == "unsubscribed"
