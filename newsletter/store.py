@@ -167,8 +167,9 @@ class Store:
 
     def transaction(self, needed: bool = True):
         """BEGIN IMMEDIATE ... COMMIT; `needed=False` for a single statement, which
-        commits on its own (half the cost per message on the SMTP path)."""
-        return _Transaction(self.db) if needed else contextlib.nullcontext(self.db)
+        commits on its own (half the cost per message on the SMTP path). Inside another
+        transaction it joins that one (serve commits a round of unsubscribes at once)."""
+        return _Transaction(self.db) if needed and not self.db.in_transaction else contextlib.nullcontext(self.db)
 
     # -- subscribers -------------------------------------------------------------------------
 

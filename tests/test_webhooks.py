@@ -376,3 +376,18 @@ def test_ses_through_sns(service, sns):
     assert standing(config, PEOPLE[3]) == standing(config, PEOPLE[4]) == ("subscribed", False, "sent")
     assert post(sns_message(sns, "Notification", Message="not json")).status_code == 400
     assert service.client.post("/webhooks/ses", content=b"{").status_code == 400
+
+
+def test_a_batch_bigger_than_the_services_body_limit_is_taken_at_the_webhook_only(service, sendgrid_key):
+    """SendGrid posts up to thousands of events at once: [webhooks] max_body is theirs, while
+    every other route keeps [serve] max_body (64 KB by default)."""
+    padding = "x" * 300
+    events = [sendgrid_event("delivered", PEOPLE[i % len(PEOPLE)], note=padding) for i in range(400)]
+    events.append(sendgrid_event("spamreport", PEOPLE[0]))
+    body = json.dumps(events).encode()
+    assert len(body) > 2 * 65536
+    answer = sendgrid_post(service, sendgrid_key, events, body=body)
+    assert answer.status_code == 200, answer.text
+    assert standing(service.config, PEOPLE[0])[:2] == ("complained", True)
+    elsewhere = service.client.post("/health", content=body)  # any other path: the small limit
+    assert elsewhere.status_code == 413

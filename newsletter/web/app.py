@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..config import Config
 from ..store import Store
-from . import signup, webhooks
+from . import signup, unsubscribe, webhooks
+from .plumbing import Plumbing
 
 
 async def health(request: Request) -> JSONResponse:
@@ -22,9 +24,10 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-def routes() -> list[Route]:
+def routes(config: Config | None = None) -> list[Route]:
     return [
         Route("/health", health, methods=["GET"]),
+        Route(unsubscribe.route_path(config), unsubscribe.one_click, methods=["GET", "POST"]),
         Route("/subscribe", signup.form_page, methods=["GET"]),
         Route("/subscribe", signup.subscribe, methods=["POST"]),
         Route("/subscribe", signup.preflight, methods=["OPTIONS"]),
@@ -39,7 +42,10 @@ def routes() -> list[Route]:
 
 
 def create_app(config: Config) -> Starlette:
-    app = Starlette(routes=routes())
+    # Webhook batches are megabytes: [webhooks] max_body is theirs (their handler checks it too).
+    larger = {"/webhooks/": config.webhooks.max_body} if config.webhooks else {}
+    app = Starlette(routes=routes(config),
+                    middleware=[Middleware(Plumbing, max_body=config.serve.max_body, larger=larger)])
     app.state.config = config
     app.state.signup = signup.Signup(config)  # checks [signup] now: a sign-up that cannot work stops start-up
     return app

@@ -9,9 +9,15 @@ def run(config: Config, host: str | None = None, port: int | None = None) -> Non
     import uvicorn
 
     from .app import create_app
+    from .plumbing import setup_access_log
+    from .unsubscribe import require_secret
+
+    require_secret(config)
+    setup_access_log()
 
     settings = config.serve
     forwarded = settings.forwarded_allow_ips
     uvicorn.run(create_app(config), host=host or settings.host, port=port or settings.port,
                 proxy_headers=bool(forwarded), forwarded_allow_ips=forwarded or None,
-                server_header=False, log_level="info")
+                server_header=False, log_level="info",
+                access_log=False)  # uvicorn's prints whole paths, tokens and all: plumbing.AccessLog instead
