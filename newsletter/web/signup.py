@@ -437,7 +437,7 @@ def _whose(outcome) -> str:
     """Who must act, in words, for the log."""
     return {SENDER: "refused: the key, the sender or the account must be fixed",
             MESSAGE: "refused: the request itself", RECIPIENT: "refused for this address",
-            }.get(outcome.fault, f"{outcome.state}: try again later")
+            }.get(outcome.fault, f"{outcome.state}, on the provider's side")
 
 
 def _service(request: Request) -> Signup:
