@@ -314,7 +314,8 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "mailgun": ("https://api.mailgun.net", 1000, 0.0, {
             "domain": Str(help="your Mailgun sending domain, e.g. mg.example.com")}),
         "postmark": ("https://api.postmarkapp.com", 500, 0.0, {
-            "message_stream": Str(default="broadcast", help="a Broadcast stream's ID: newsletters must use one")}),
+            "message_stream": Str(default="broadcast", help="a Broadcast stream's ID: newsletters must use one"),
+            "transactional_stream": Str(default="outbound", help="a Transactional stream's ID: sign-up confirmations")}),
         "resend": ("https://api.resend.com", 100, 2.0, {}),
         "ses": ("", 1, 14.0, {
             "region": Str(default="us-east-1"),
@@ -330,7 +331,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
                              help="sign-up requests per address per hour (token bucket, per process; 0: none)"),
         "client_limit": Int(default=20, min=0, max=1_000_000,
                             help="sign-up requests per client IP per hour (token bucket, per process; 0: none)"),
-        "backend": Choice(("outbox", "smtp"), help="what sends confirmations (default: [send] backend)"),
+        "backend": Choice(BACKENDS, help="what sends confirmations (default: [send] backend)"),
         "send_timeout": Seconds(default=30.0, help="the longest one confirmation may take to send"),
     },
     "webhooks": {  # providers' event webhooks (newsletter/web/webhooks.py); each is on when its secret is set

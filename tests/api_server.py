@@ -17,6 +17,12 @@ Expansion into per-recipient messages: SendGrid applies each personalization's
 ``substitutions`` to subject and content and takes its ``headers``; Mailgun applies
 ``recipient-variables`` to ``%recipient.x%`` in subject, text, html and ``h:`` headers;
 Postmark and Resend take each item as it is; SES parses the raw MIME.
+Single messages (a transactional message, such as a sign-up confirmation): SendGrid, Mailgun
+and SES on the same endpoints (one personalization; no recipient-variables; one Raw
+message); Postmark ``POST /email`` (one message object, ``MessageStream`` defaulting to
+``outbound``, answered 200 ``{"ErrorCode": 0, "MessageID", "To", ...}`` or 422 with its
+ErrorCode); Resend ``POST /emails`` (one email object, answered 200 ``{"id"}``, its
+Idempotency-Key honoured as for a batch).
 Faults, scripted per test: 429 (with or without Retry-After; SendGrid's X-RateLimit-Reset
 window), 5xx, a slow answer (before, during or after the request is processed), a 200 of
 an unexpected shape, a per-message error (Postmark 406 inactive recipient; Resend ``errors[]`` in permissive
@@ -69,8 +75,8 @@ LIMITS = {"sendgrid": 1000, "mailgun": 1000, "postmark": 500, "resend": 100, "se
 ROUTES = [
     ("sendgrid", re.compile(r"/v3/mail/send")),
     ("mailgun", re.compile(r"/v3/(?P<domain>[^/]+)/messages")),
-    ("postmark", re.compile(r"/email/batch")),
-    ("resend", re.compile(r"/emails/batch")),
+    ("postmark", re.compile(r"/email(?P<batch>/batch)?")),  # /email: one message
+    ("resend", re.compile(r"/emails(?P<batch>/batch)?")),  # /emails: one email
     ("ses", re.compile(r"/v2/email/outbound-emails")),
 ]
 SENDGRID_RESERVED = {"x-sg-id", "x-sg-eid", "received", "dkim-signature", "content-type",
@@ -690,6 +696,8 @@ class ApiServer:
             raise Reject(422, "JSON data required. Please add 'Content-Type: application/json' and "
                               "'Accept: application/json' headers.", code=409)
         batch = _load_json(req.body, Reject(422, "The request body is not valid JSON.", code=402))
+        if not params.get("batch"):
+            return self._postmark_single(batch)
         if not isinstance(batch, list):
             raise Reject(422, "The batch must be a JSON array of messages.", code=402)
         if len(batch) > 500:
@@ -724,9 +732,55 @@ class ApiServer:
                                 "To": item["To"]})
         return 200, {"Content-Type": "application/json"}, json.dumps(answers).encode(), received
 
+    def _postmark_single(self, item):
+        """POST /email: one message; its errors are the whole request's (422 with ErrorCode)."""
+        if not isinstance(item, dict):
+            raise Reject(422, "The message must be a JSON object.", code=402)
+        if problem := _postmark_problem(item):
+            raise Reject(422, problem[1], code=problem[0])
+        people = getaddresses([item["To"]])
+        if not self.sender_verified:
+            raise Reject(422, f"The 'From' address you supplied ({item['From']}) is not a Sender Signature on your "
+                              "account. Please add and confirm this address in order to be able to use it in the "
+                              "'From' field of your messages.", code=400)
+        if bad := self._rejected([a for _, a in people]):
+            raise Reject(self._reject_status(bad, 422), f"Invalid 'To' address: '{bad}'.", code=300)
+        if inactive := [a for _, a in people if self._is_inactive(a)]:
+            raise Reject(422, "You tried to send to a recipient that has been marked as inactive.\nFound inactive "
+                              f"addresses: {', '.join(inactive)}.\nInactive recipients are ones that have generated a "
+                              "hard bounce or a spam complaint.", code=406)
+        message_id = str(uuid.uuid4())
+        headers = {h["Name"].lower(): h["Value"] for h in item.get("Headers") or []}
+        received = [Received("postmark", address.lower(), item["To"], item["Subject"], item.get("HtmlBody", ""),
+                             item.get("TextBody", ""), headers, -1, message_id) for _, address in people]
+        answer = {"To": item["To"], "SubmittedAt": time.strftime("%Y-%m-%dT%H:%M:%S.0000000+00:00", time.gmtime()),
+                  "MessageID": message_id, "ErrorCode": 0, "Message": "OK"}
+        return 200, {"Content-Type": "application/json"}, json.dumps(answer).encode(), received
+
+    def _resend_single(self, req: Request):
+        """POST /emails: one email; its errors are the whole request's."""
+        item = _load_json(req.body, Reject(422, "Invalid JSON body", code="validation_error"))
+        if problem := _resend_problem(item, batch=False):
+            raise Reject(422, problem, code="validation_error")
+        people = [a for _, a in getaddresses(_resend_to(item))]
+        if not self.sender_verified:
+            domain = getaddresses([item["from"]])[0][1].rpartition("@")[2]
+            raise Reject(403, f"The {domain} domain is not verified. Please, add and verify your domain on "
+                              "https://resend.com/domains", code="validation_error")
+        if bad := self._rejected(people) or next((a for a in people if self._is_inactive(a)), None):
+            raise Reject(self._reject_status(bad, 422), f"Invalid `to` field: {bad}", code="validation_error")
+        email_id = str(uuid.uuid4())
+        headers = {k.lower(): v for k, v in (item.get("headers") or {}).items()}
+        received = [Received("resend", address.lower(), shown, item["subject"], item.get("html", ""),
+                             item.get("text", ""), headers, -1, email_id)
+                    for shown in _resend_to(item) for _, address in getaddresses([shown])]
+        return 200, {"Content-Type": "application/json"}, json.dumps({"id": email_id}).encode(), received
+
     def _resend(self, req: Request, params):
         if not req.headers.get("content-type", "").startswith("application/json"):
             raise Reject(422, "Content-Type must be application/json", code="validation_error")
+        if not params.get("batch"):
+            return self._resend_single(req)
         mode = req.headers.get("x-batch-validation", "strict")
         if mode not in ("strict", "permissive"):
             raise Reject(422, "x-batch-validation must be strict or permissive", code="validation_error")
@@ -936,7 +990,7 @@ def _resend_to(item) -> list[str]:
     return [t for t in to if isinstance(t, str)] if isinstance(to, list) else []
 
 
-def _resend_problem(item) -> str | None:
+def _resend_problem(item, batch: bool = True) -> str | None:
     if not isinstance(item, dict):
         return "Each email must be an object."
     if not isinstance(item.get("from"), str) or "@" not in item["from"]:
@@ -952,7 +1006,7 @@ def _resend_problem(item) -> str | None:
     if not (item.get("html") or item.get("text")):
         return "Missing `html` or `text` field."
     for unsupported in ("attachments", "scheduled_at"):
-        if unsupported in item:
+        if unsupported in item and batch:
             return f"The `{unsupported}` field is not supported in batch emails."
     headers = item.get("headers", {})
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
@@ -969,9 +1023,12 @@ def _batch_addresses(provider: str, req: Request) -> list[str]:
         if provider == "mailgun":
             return [a for _, a in getaddresses([v for n, v in _form_fields(req) if n in ("to", "cc", "bcc")])]
         if provider == "postmark":
-            return [a for item in json.loads(req.body) for _, a in getaddresses([item.get("To") or ""])]
+            body = json.loads(req.body)
+            return [a for item in (body if isinstance(body, list) else [body])
+                    for _, a in getaddresses([item.get("To") or ""])]
         if provider == "resend":
-            return [a for item in json.loads(req.body) for _, a in getaddresses(_resend_to(item))]
+            body = json.loads(req.body)
+            return [a for item in (body if isinstance(body, list) else [body]) for _, a in getaddresses(_resend_to(item))]
         if provider == "ses":
             d = json.loads(req.body)["Destination"]
             return [a for kind in ("ToAddresses", "CcAddresses", "BccAddresses") for a in d.get(kind) or []]

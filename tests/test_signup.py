@@ -14,6 +14,7 @@ import httpx
 import pytest
 import uvicorn
 
+from api_server import AWS_KEY_ID, AWS_SECRET, KEYS, MAILGUN_DOMAIN, PROVIDERS, SES_REGION, ApiServer, _form_fields
 from cdp import Browser
 from conftest import ROOT, config_for, run_cli
 from newsletter.errors import ConfigError
@@ -335,13 +336,16 @@ def test_token_bucket_refills():
 
 # -- start-up -----------------------------------------------------------------------------------
 
-def test_api_backend_refused_at_start(tmp_path):
-    env = signup_env(tmp_path, send_backend="sendgrid")
-    with pytest.raises(ConfigError, match="confirmations need smtp or outbox"):
+def test_api_backend_settings_named_at_start(tmp_path):
+    env = signup_env(tmp_path, send_backend="mailgun")
+    with pytest.raises(ConfigError) as caught:
         create_app(config_for(env))
+    assert "NEWSLETTER_MAILGUN_API_KEY" in str(caught.value) and "mailgun.domain" in str(caught.value)
     create_app(config_for({**env, "NEWSLETTER_SIGNUP_BACKEND": "outbox"}))  # a backend of its own: fine
+    create_app(config_for({**env, "NEWSLETTER_MAILGUN_API_KEY": KEYS["mailgun"],
+                           "NEWSLETTER_MAILGUN_DOMAIN": MAILGUN_DOMAIN}))  # an API backend: fine too
     result = run_cli("serve", "--port", free_port(), env=env)
-    assert result.returncode == 2 and "confirmations need smtp or outbox" in result.stderr
+    assert result.returncode == 2 and "NEWSLETTER_MAILGUN_API_KEY" in result.stderr
 
 
 def test_missing_secret_and_url_named_at_start(tmp_path):
@@ -381,3 +385,162 @@ def test_unreachable_server_is_logged_not_shown(tmp_path, caplog):
         assert service.signup.done == {"failed": 1}
     assert any("later@example.com" in r.getMessage() and "not sent" in r.getMessage() for r in caplog.records)
     assert SECRET not in caplog.text
+
+
+# -- confirmations through the HTTP email APIs ---------------------------------------------------
+
+WRONG_KEY = "wrong-K3y-That-Must-Never-Leak-9999"
+REFUSED_KEY_STATUS = {"sendgrid": 401, "mailgun": 401, "postmark": 401, "resend": 403, "ses": 403}  # as each says
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    """SES reads the standard AWS variables from the process environment."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    return monkeypatch
+
+
+def api_settings(server, provider, key=None, **more):
+    """[send] backend = provider, pointed at the loopback stand-in."""
+    settings = {"send_backend": provider, f"{provider}_base_url": server.url, f"{provider}_timeout": 10,
+                f"{provider}_max_retries": 2, f"{provider}_retry_delay": 0.05, f"{provider}_requests_per_second": 0}
+    if provider in KEYS:
+        settings[f"{provider}_api_key"] = key or KEYS[provider]
+    if provider == "mailgun":
+        settings["mailgun_domain"] = MAILGUN_DOMAIN
+    if provider == "ses":
+        settings["ses_region"] = SES_REGION
+    return {**settings, **more}
+
+
+def assert_single_message_shape(provider, request, address, name):
+    """The provider's documented single-message request: one recipient, no newsletter parts."""
+    assert request.method == "POST"
+    if provider == "sendgrid":
+        body = request.json()
+        assert request.path == "/v3/mail/send"
+        assert body["personalizations"] == [{"to": [{"email": address, "name": name}]}]
+        assert [c["type"] for c in body["content"]] == ["text/plain", "text/html"]
+        assert {k: v["enable"] for k, v in body["tracking_settings"].items()} == {
+            "subscription_tracking": False, "open_tracking": False, "click_tracking": False}
+        assert "List-Unsubscribe" not in body["headers"] and "substitutions" not in str(body)
+    elif provider == "mailgun":
+        fields = dict(_form_fields(request))
+        assert request.path == f"/v3/{MAILGUN_DOMAIN}/messages"
+        assert request.headers["content-type"].startswith("multipart/form-data")
+        assert {"from", "to", "subject", "text", "html"} <= set(fields) and "recipient-variables" not in fields
+        assert [v for n, v in _form_fields(request) if n == "to"] == [f'"{name}" <{address}>']
+        assert fields["o:tracking"] == fields["o:tracking-clicks"] == fields["o:tracking-opens"] == "no"
+        assert not any(n.lower().startswith("h:list-") for n in fields)
+    elif provider == "postmark":
+        body = request.json()
+        assert request.path == "/email" and isinstance(body, dict)
+        assert body["MessageStream"] == "outbound"  # transactional, never the newsletters' broadcast stream
+        assert body["To"] == f'"{name}" <{address}>' and body["TextBody"] and body["HtmlBody"]
+        assert body["TrackOpens"] is False and body["TrackLinks"] == "None"
+        assert not any(h["Name"].lower().startswith("list-") for h in body["Headers"])
+    elif provider == "resend":
+        body = request.json()
+        assert request.path == "/emails" and isinstance(body, dict)
+        assert body["to"] == [f'"{name}" <{address}>'] and body["text"] and body["html"]
+        assert re.fullmatch(r"signup/[^<>\s]+@[^<>\s]+", request.idempotency_key)
+        assert request.idempotency_key[len("signup/"):] == body["headers"]["X-Newsletter-Message-Id"]
+        assert not any(k.lower().startswith("list-") for k in body["headers"])
+    else:
+        body = request.json()
+        assert request.path == "/v2/email/outbound-emails" and request.sig_verified
+        assert body["Destination"] == {"ToAddresses": [address]} and list(body["Content"]) == ["Raw"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_confirmation_through_each_api(tmp_path, provider, aws):
+    address, name = f"{provider}.reader@example.com", "Ada Reader"
+    with ApiServer() as server, Service(signup_env(tmp_path, **api_settings(server, provider))) as service:
+        answer = service.http.post("/subscribe", json={"email": address, "name": name})
+        assert answer.status_code == 202
+        service.settled(1)
+        assert service.signup.done == {"sent": 1}
+        assert len(server.requests) == 1 and server.requests[0].outcome == "accepted"
+        assert_single_message_shape(provider, server.requests[0], address, name)
+        [received] = server.received
+        assert received.address == address and "Confirm your subscription" in received.subject
+        link = re.search(r"https://\S+/subscribe/confirm/[\w-]+", received.text).group(0)
+        assert link in received.html
+        assert "list-unsubscribe" not in received.headers and received.headers["auto-submitted"] == "auto-generated"
+        assert not (tmp_path / "outbox").exists()  # it went through the API, not the outbox
+        assert service.subscriber(address) is None  # nothing until the link is followed
+        assert service.http.post(service.local(link)).status_code == 200
+    assert service.subscriber(address)[2:] == ("subscribed", "sign-up confirmed")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_refused_api_key_is_logged_and_the_service_goes_on(tmp_path, provider, aws, caplog):
+    if provider == "ses":
+        aws.setenv("AWS_SECRET_ACCESS_KEY", WRONG_KEY)
+    with ApiServer() as server, Service(signup_env(tmp_path, **api_settings(server, provider, key=WRONG_KEY))) \
+            as service:
+        answer = service.http.post("/subscribe", json={"email": "refused@example.com"})
+        assert answer.status_code == 202  # the answer went out before the provider said no
+        service.settled(1)
+        assert service.signup.done == {"failed": 1}
+        # one request: a refused key is never retried
+        assert [(r.status, r.outcome) for r in server.requests] == [(REFUSED_KEY_STATUS[provider], "unauthorized")]
+        # the service keeps answering
+        assert service.http.get("/subscribe").status_code == 200
+        assert service.http.post("/subscribe", json={"email": "next@example.com"}).status_code == 202
+        service.settled(2)
+        assert service.signup.done == {"failed": 2}
+    assert service.subscriber("refused@example.com") is None
+    with Store(service.config.store.path) as store:
+        assert not store.suppressed("refused@example.com")  # the account's fault, not the reader's
+    warnings = [r.getMessage() for r in caplog.records if r.name == "newsletter.signup" and r.levelname == "WARNING"]
+    assert any("refused@example.com" in w and f"not sent through {provider}" in w and "the key" in w
+               for w in warnings), warnings
+    for secret in (WRONG_KEY, AWS_SECRET, SECRET, *KEYS.values()):
+        assert secret not in caplog.text
+
+
+def test_postmark_transactional_stream_setting(tmp_path, caplog):
+    with ApiServer() as server, Service(signup_env(tmp_path, **api_settings(
+            server, "postmark", postmark_transactional_stream="signups"))) as service:
+        service.http.post("/subscribe", json={"email": "stream@example.com"})
+        service.settled(1)
+        [request] = server.requests
+        assert request.json()["MessageStream"] == "signups"  # the setting is what is sent
+        assert service.signup.done == {"failed": 1}  # the stand-in has no such stream: Postmark 1235
+    assert any("Postmark API response 422" in r.getMessage() and "signups" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_resend_confirmation_retried_under_its_key_is_sent_once(tmp_path):
+    with ApiServer() as server, Service(signup_env(tmp_path, **api_settings(server, "resend"))) as service:
+        server.fail(1, status=500, after=True)  # taken and recorded, then the answer is lost
+        service.http.post("/subscribe", json={"email": "once@example.com"})
+        service.settled(1)
+        assert service.signup.done == {"sent": 1}
+        assert [r.outcome for r in server.requests] == ["failed after taking it", "replayed"]
+        assert server.requests[0].idempotency_key == server.requests[1].idempotency_key
+        assert server.delivered() == {"once@example.com": 1}
+
+
+def test_postmark_confirmation_with_a_lost_answer_is_not_sent_again(tmp_path, caplog):
+    with ApiServer() as server, Service(signup_env(tmp_path, **api_settings(server, "postmark"))) as service:
+        server.fail(1, status=500, after=True)
+        service.http.post("/subscribe", json={"email": "maybe@example.com"})
+        service.settled(1)
+        assert service.signup.done == {"failed": 1}
+        assert len(server.requests) == 1  # no idempotency key: never sent blind again
+        assert server.delivered() == {"maybe@example.com": 1}
+    assert any("may have been delivered" in r.getMessage() for r in caplog.records)
+
+
+def test_inactive_recipient_at_postmark_is_suppressed(tmp_path):
+    with ApiServer() as server, Service(signup_env(tmp_path, **api_settings(server, "postmark"))) as service:
+        server.inactive("bounced.before@example.com")
+        service.http.post("/subscribe", json={"email": "bounced.before@example.com"})
+        service.settled(1)
+        assert service.signup.done == {"failed": 1}
+    with Store(service.config.store.path) as store:
+        assert store.suppressed("bounced.before@example.com")  # the same policy as any send's 406

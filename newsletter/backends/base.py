@@ -39,6 +39,11 @@ class Backend:
     async def open_worker(self) -> Worker:
         raise NotImplementedError
 
+    async def open_single_worker(self) -> Worker:
+        """A worker for one transactional message (a sign-up confirmation): the outbox and
+        SMTP send it as they send anything; the HTTP APIs use their single-message endpoint."""
+        return await self.open_worker()
+
     async def close(self) -> None:
         """After the workers: what the backend shares between them (an HTTP client)."""
 

@@ -31,6 +31,10 @@ results into outcome.Outcome, with the fault (recipient, message, sender, server
 ``code`` ("SES MessageRejected", "Postmark 406") and the provider's own words; outcome.py
 decides what each does to the ledger and the run. The first request of a run goes out
 alone: a refused key or sender costs one request, not one per worker.
+
+One transactional message (a sign-up confirmation, not an issue) goes through the same
+worker, the same rules and the same ``refusal``, to the provider's single-message endpoint:
+``open_single_worker`` gives a worker whose request is the provider's ``build_single``.
 """
 
 from __future__ import annotations
@@ -243,6 +247,23 @@ class HttpBackend(Backend):
         """A last look at the finished request (SES signs it here)."""
         return request
 
+    # -- one transactional message (a sign-up confirmation) --------------------------------------
+
+    def build_single(self, message) -> ApiRequest:
+        """The request for one transactional message to the provider's single-message
+        endpoint; `message` has sender, sender_name, recipient, name, display_from,
+        display_to, subject, text, html, reply_to, message_id, headers() and data."""
+        raise NotImplementedError
+
+    def single_results(self, response: httpx.Response, messages: list) -> list[Outcome]:
+        """A 2xx answer to build_single's request."""
+        return [Outcome(SENT, f"{response.status_code} accepted")]
+
+    async def open_single_worker(self) -> Worker:
+        """A worker that sends one transactional message a call (its `send`)."""
+        await self.open_worker()  # the client, the key check, the provider's own checks
+        return SingleWorker(self)
+
     # -- the shared machinery --------------------------------------------------------------------
 
     def base_url(self) -> str:
@@ -296,6 +317,13 @@ class HttpWorker(Worker):
     def __init__(self, backend: HttpBackend):
         self.backend = backend
 
+    # What the request holds and what its 2xx means: an issue's batch here, one message in SingleWorker.
+    def build(self, messages: list[Message]) -> ApiRequest:
+        return self.backend.build(messages)
+
+    def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
+        return self.backend.results(response, messages)
+
     async def send(self, message: Message) -> Outcome:
         return (await self.send_batch([message]))[0]
 
@@ -331,7 +359,7 @@ class HttpWorker(Worker):
             # rate limit, one worker builds at a time and its request leaves at once,
             # instead of everyone's building holding up the request whose turn it is.
             await backend.limiter.wait()
-            spec = spec or backend.build(messages)
+            spec = spec or self.build(messages)
             request = backend.sign(backend.client.build_request(
                 spec.method, spec.path, json=spec.json, data=spec.data, content=spec.content, headers=spec.headers))
             try:
@@ -350,7 +378,7 @@ class HttpWorker(Worker):
                     continue
                 return [outcome] * len(messages)
             if response.is_success:
-                return backend.results(response, messages)
+                return self.results(response, messages)
             outcome, index = backend.refusal(response, messages)
             if index is not None:  # one recipient refused, and with it the request: the others go again now
                 others = await self.request(messages[:index] + messages[index + 1:]) if len(messages) > 1 else []
@@ -362,6 +390,18 @@ class HttpWorker(Worker):
         tries = f"{attempt + 1} attempt{'s' * (attempt > 0)}"
         return [Outcome(DEFERRED, f"{outcome.reply} (after {tries})", SERVER, retry_after=outcome.retry_after,
                         code=outcome.code)] * len(messages)
+
+
+class SingleWorker(HttpWorker):
+    """One transactional message a request, to the provider's single-message endpoint;
+    retries, refusals and outcomes exactly as for a batch of one."""
+
+    def build(self, messages: list) -> ApiRequest:
+        [message] = messages
+        return self.backend.build_single(message)
+
+    def results(self, response: httpx.Response, messages: list) -> list[Outcome]:
+        return self.backend.single_results(response, messages)
 
 
 def _describe(exc: httpx.TransportError, timeout: float) -> str:

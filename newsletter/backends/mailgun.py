@@ -10,7 +10,8 @@ the bodies, the subject and ``h:`` headers, which carries each one's List-Unsubs
 Message-Id and merge fields (``%recipient.m0t_<nonce>%``, raw for the text and the
 subject, ``m0h_<nonce>`` escaped for the HTML; a random nonce per issue, so that no
 subscriber's value can name another variable). Answer: 200 ``{"id": ..., "message":
-"Queued. Thank you."}`` for the whole batch; errors ``{"message": ...}`` (a bad key: 401
+"Queued. Thank you."}`` for the whole batch (and for ``build_single``: one transactional
+message, a sign-up confirmation, as plain from/to/subject/text/html fields with tracking off); errors ``{"message": ...}`` (a bad key: 401
 and a plain "Forbidden").
 
 Errors (https://documentation.mailgun.com/docs/mailgun/quickstart-guide/responses): 400 "a
@@ -95,6 +96,20 @@ class Backend(HttpBackend):
                 fields.append(("h:Reply-To", factory.reply_to))
             self._shared = (factory, _Form(fields), names)
         return self._shared[1]
+
+    def build_single(self, message) -> ApiRequest:
+        fields = [("from", message.display_from), ("to", message.display_to), ("subject", message.subject),
+                  ("text", message.text), ("html", message.html), ("h:Message-Id", message.message_id),
+                  *((f"h:{k}", v) for k, v in message.headers().items()),
+                  ("o:tracking", "no"), ("o:tracking-clicks", "no"), ("o:tracking-opens", "no")]
+        if message.reply_to:
+            fields.append(("h:Reply-To", message.reply_to))
+        form = _Form([])
+        return ApiRequest("POST", f"/v3/{self.settings.extra['domain']}/messages", content=form.encode(fields),
+                          headers={"Content-Type": form.content_type})
+
+    def single_results(self, response: httpx.Response, messages: list) -> list[Outcome]:
+        return self.results(response, messages)
 
     def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
         body = json_body(response)

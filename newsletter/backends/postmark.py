@@ -26,6 +26,11 @@ for the whole request alike:
         411 forbidden attachment -> the message: the run stops
     any other code -> failed, nobody's fault we know of (never suppressed; --retry-failed)
 HTTP 429 is retried; 5xx is uncertain (no idempotency key).
+
+One transactional message (``build_single``, a sign-up confirmation) goes to ``POST /email``
+on the transactional stream (``transactional_stream``, by default ``outbound``: a Broadcast
+stream is for newsletters); it answers 200 ``{"ErrorCode": 0, "MessageID"}``, and its errors
+are the same 422 ErrorCodes, read by the same ``refusal``.
 """
 
 from __future__ import annotations
@@ -69,6 +74,33 @@ class Backend(HttpBackend):
             # The bodies go in already encoded: see Message.html_json.
             batch.append(json_object(fields, {"HtmlBody": m.html_json, "TextBody": m.text_json}))
         return ApiRequest.json_array("/email/batch", batch, {})
+
+    def build_single(self, message) -> ApiRequest:
+        fields = {
+            "From": message.display_from,
+            "To": message.display_to,
+            "Subject": message.subject,
+            "TextBody": message.text,
+            "HtmlBody": message.html,
+            "Headers": [{"Name": k, "Value": v} for k, v in message.headers().items()],
+            "MessageStream": self.settings.extra.get("transactional_stream") or "outbound",
+            "TrackOpens": False,
+            "TrackLinks": "None",
+            "Metadata": {"message_id": message.message_id.strip("<>")},
+        }
+        if message.reply_to:
+            fields["ReplyTo"] = message.reply_to
+        return ApiRequest("POST", "/email", json=fields)
+
+    def single_results(self, response: httpx.Response, messages: list) -> list[Outcome]:
+        body = json_body(response)
+        code = body.get("ErrorCode", 0)
+        if code:  # not expected with a 200, but Postmark's word is in ErrorCode
+            text = str(body.get("Message", ""))
+            fault = _fault(code, text, messages[0].recipient)
+            return [self.refused(fault, response.status_code, text, code=f"Postmark {code}",
+                                 suppress=fault == RECIPIENT and code == INACTIVE_RECIPIENT)]
+        return [Outcome(SENT, f"{response.status_code} MessageID {body.get('MessageID', '')}".strip())]
 
     def results(self, response: httpx.Response, messages: list[Message]) -> list[Outcome]:
         try:

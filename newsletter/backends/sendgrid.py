@@ -11,7 +11,11 @@ value can spell another tag), and a subject with merge fields as each personaliz
 own ``subject``. Subscription and click tracking are turned off, or
 SendGrid would add its own List-Unsubscribe and rewrite the links.
 Answer: 202 with an empty body for the whole request; no per-recipient results (bounces
-come later, by webhook). Errors: ``{"errors": [{"message": ..., "field": ...}]}``.
+come later, by webhook).
+
+One transactional message (``build_single``, a sign-up confirmation): the same endpoint with
+one personalization, its own content, no List-Unsubscribe, and all tracking off (subscription
+tracking would add an unsubscribe footer to a message that is not a newsletter). Errors: ``{"errors": [{"message": ..., "field": ...}]}``.
 
 Errors (https://www.twilio.com/docs/sendgrid/api-reference/how-to-use-the-sendgrid-v3-api/responses
 and .../errors; Twilio error 60222): 401 "requires authentication" -> the sender (the key);
@@ -86,6 +90,30 @@ class Backend(HttpBackend):
             self._shared = (factory, json.dumps(body, ensure_ascii=False, separators=(",", ":"))[1:], tags)
         return self._shared[1]
 
+    def build_single(self, message) -> ApiRequest:
+        to = {"email": message.recipient}
+        if _name_ok(message.name):
+            to["name"] = message.name
+        sender = {"email": message.sender}
+        if _name_ok(message.sender_name):
+            sender["name"] = message.sender_name
+        body = {
+            "personalizations": [{"to": [to]}],
+            "from": sender,
+            "subject": message.subject,
+            "content": [{"type": "text/plain", "value": message.text}, {"type": "text/html", "value": message.html}],
+            "headers": message.headers(),
+            "custom_args": {"message_id": message.message_id.strip("<>")},
+            "tracking_settings": {"subscription_tracking": {"enable": False}, "open_tracking": {"enable": False},
+                                  "click_tracking": {"enable": False, "enable_text": False}},
+        }
+        if message.reply_to:
+            body["reply_to"] = {"email": message.reply_to}
+        return ApiRequest("POST", "/v3/mail/send", json=body)
+
+    def single_results(self, response: httpx.Response, messages: list) -> list[Outcome]:
+        return self.results(response, messages)
+
     def retry_after(self, response: httpx.Response) -> float | None:
         # SendGrid's 429 says when its window resets (X-RateLimit-Reset, Unix time), not Retry-After.
         reset = response.headers.get("x-ratelimit-reset")
@@ -112,6 +140,11 @@ class Backend(HttpBackend):
         batch = response.headers.get("x-message-id", "")
         return [Outcome(SENT, f"{response.status_code} accepted" + (f" (X-Message-Id {batch})" if batch else ""))
                 ] * len(messages)
+
+
+def _name_ok(name: str | None) -> bool:
+    # SendGrid refuses , and ; in names; a name that is not one line is left out, as for every backend
+    return bool(name) and not any(c in name for c in ",;") and not one_line_problem(name)
 
 
 def _personalization(message: Message, tags: list[tuple[str, str]]) -> str:

@@ -11,6 +11,8 @@ List-Unsubscribe. Requests are signed with AWS Signature Version 4 by botocore (
 AWS_SESSION_TOKEN. ``requests_per_second`` should match the account's MaxSendRate.
 Answer: 200 ``{"MessageId"}``; errors carry ``x-amzn-ErrorType`` and ``{"message"}``;
 throttling is 429 TooManyRequestsException. Note: SES replaces the Message-ID header.
+One transactional message (``build_single``, a sign-up confirmation) is the same SendEmail
+with its own raw MIME (its ``data``).
 
 Errors, by x-amzn-ErrorType (https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_SendEmail.html
 "Errors", and the knowledge-center article on 400 "Message rejected: Email address is not
@@ -85,6 +87,17 @@ class Backend(HttpBackend):
         content = b"".join((head.encode(), b', "Content": {"Raw": {"Data": "', base64.b64encode(message.data), tail))
         return ApiRequest("POST", "/v2/email/outbound-emails", content=content,
                           headers={"Content-Type": "application/json"})
+
+    def build_single(self, message) -> ApiRequest:
+        body = {"FromEmailAddress": message.sender, "Destination": {"ToAddresses": [message.recipient]},
+                "Content": {"Raw": {"Data": base64.b64encode(message.data).decode("ascii")}}}
+        if config_set := self.settings.extra.get("configuration_set"):
+            body["ConfigurationSetName"] = config_set
+        return ApiRequest("POST", "/v2/email/outbound-emails", content=json.dumps(body).encode(),
+                          headers={"Content-Type": "application/json"})
+
+    def single_results(self, response: httpx.Response, messages: list) -> list[Outcome]:
+        return self.results(response, messages)
 
     def sign(self, request: httpx.Request) -> httpx.Request:
         return self._signer(request)

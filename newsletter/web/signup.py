@@ -49,9 +49,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from ..checks import address_problem
-from ..config import Config
+from ..config import API_BACKENDS, Config
 from ..errors import ConfigError
-from ..outcome import HARD_BOUNCE, SENT, Event
+from ..message import display_address
+from ..outcome import HARD_BOUNCE, MESSAGE, RECIPIENT, SENDER, SENT, Event
 from ..recipients import Recipient, clean_name, normalize
 from ..store import Store
 
@@ -247,13 +248,33 @@ POLICY = email.policy.SMTP.clone(cte_type="7bit")
 
 @dataclass(frozen=True)
 class Confirmation:
-    """What a backend's worker needs (the outbox and SMTP use only these)."""
+    """What a backend's worker needs: the outbox and SMTP use data, sender and recipient
+    (SES too, as raw MIME); the other HTTP APIs build their request from the parts."""
 
     data: bytes  # RFC 5322, CRLF
-    sender: str  # envelope MAIL FROM
+    sender: str  # envelope MAIL FROM, and the From address
     recipient: str  # envelope RCPT TO
+    name: str | None = None  # the reader's, as given
+    sender_name: str = ""
+    subject: str = ""
+    text: str = ""
+    html: str = ""
+    reply_to: str | None = None
+    message_id: str = ""  # <...@sending domain>, as in data
     # Unlike a newsletter Message, nothing here promises that no line starts with "."
     needs_dot_stuffing = True
+
+    @property
+    def display_from(self) -> str:
+        return display_address(self.sender_name, self.sender)
+
+    @property
+    def display_to(self) -> str:
+        return display_address(self.name, self.recipient)
+
+    def headers(self) -> dict[str, str]:
+        """For an API, besides From, To, Subject and Reply-To: never List-Unsubscribe (not a newsletter)."""
+        return {"Auto-Submitted": "auto-generated", "X-Newsletter-Message-Id": self.message_id.strip("<>")}
 
 
 def confirmation(config: Config, address: str, name: str | None, link: str, hours: int,
@@ -266,13 +287,16 @@ def confirmation(config: Config, address: str, name: str | None, link: str, hour
         msg["Reply-To"] = sender.reply_to
     msg["Subject"] = f"Confirm your subscription to {pub.name}"
     msg["Date"] = format_datetime(_utc(now), usegmt=True)
-    msg["Message-ID"] = make_msgid("signup", domain=sender.domain)
+    msg["Message-ID"] = message_id = make_msgid("signup", domain=sender.domain)
     msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies to it
     values = dict(name=name, address=address, pub=pub.name, link=link, hours=hours, lang=pub.language,
                   accent=config.design.accent_color)
-    msg.set_content(TEXT.render(**values), subtype="plain", charset="utf-8")
-    msg.add_alternative(HTML.render(**values), subtype="html", charset="utf-8")
-    return Confirmation(msg.as_bytes(policy=POLICY), sender.address, address)
+    text, html = TEXT.render(**values), HTML.render(**values)
+    msg.set_content(text, subtype="plain", charset="utf-8")
+    msg.add_alternative(html, subtype="html", charset="utf-8")
+    return Confirmation(msg.as_bytes(policy=POLICY), sender.address, address, name=name, sender_name=sender.name,
+                        subject=str(msg["Subject"]), text=text, html=html, reply_to=sender.reply_to,
+                        message_id=message_id)
 
 
 def _utc(now: float | None):
@@ -299,10 +323,7 @@ class Signup:
             if not config.serve.public_url:
                 problems.append(f"{config.path}: serve.public_url: required for sign-up (the confirmation "
                                 "links point there), e.g. https://news.example.com")
-            if self.backend not in ("outbox", "smtp"):
-                problems.append(f"{config.path}: [signup] enabled with [send] backend = {self.backend!r}: "
-                                "confirmations need smtp or outbox (they are single messages, not issues); "
-                                "set [signup] backend = \"smtp\" (with [smtp]) or \"outbox\"")
+            problems += _backend_problems(config, self.backend)
         if problems:
             raise ConfigError(problems)
         self.secret = (config.send.secret or "").encode("utf-8")
@@ -367,7 +388,8 @@ class Signup:
         async with self.sending:
             backend = get_backend(self.backend, self.config, "signup")
             async with asyncio.timeout(self.settings.send_timeout):
-                worker = await backend.open_worker()
+                # the outbox and SMTP: their usual worker; an HTTP API: its single-message endpoint
+                worker = await backend.open_single_worker()
                 try:
                     outcome = await worker.send(message)
                 finally:
@@ -375,7 +397,9 @@ class Signup:
                     await backend.close()
         if outcome.state == SENT:
             return "sent"
-        log.warning("sign-up: the confirmation to %s was not sent: %s", address, outcome.reply)
+        # the provider's words, never the key (the reply holds no request headers)
+        log.warning("sign-up: the confirmation to %s was not sent through %s (%s): %s", address, self.backend,
+                    _whose(outcome), outcome.reply)
         if outcome.suppress:  # "no such mailbox": the same policy as any send's bounce
             event = Event(HARD_BOUNCE, address, "sign-up confirmation", outcome.reply)
             await run_in_threadpool(self._record, event)
@@ -393,6 +417,27 @@ class Signup:
                 return "blocked"
             result = store.add(Recipient(address, name), "sign-up confirmed", resubscribe=True)
         return "blocked" if result == "suppressed" else "subscribed"
+
+
+def _backend_problems(config: Config, backend: str) -> list[str]:
+    """What a confirmation through `backend` lacks, said at start rather than logged per sign-up."""
+    if backend not in API_BACKENDS:
+        return []
+    api, problems = config.apis[backend], []
+    if backend != "ses" and not api.api_key:  # SES: AWS credentials, read when sending
+        problems.append(f"[signup] sends confirmations through {backend}: NEWSLETTER_{backend.upper()}_API_KEY "
+                        "must be set")
+    if backend == "mailgun" and not api.extra.get("domain"):
+        problems.append(f"{config.path}: mailgun.domain: required for sign-up confirmations through mailgun "
+                        "(your sending domain, e.g. mg.example.com)")
+    return problems
+
+
+def _whose(outcome) -> str:
+    """Who must act, in words, for the log."""
+    return {SENDER: "refused: the key, the sender or the account must be fixed",
+            MESSAGE: "refused: the request itself", RECIPIENT: "refused for this address",
+            }.get(outcome.fault, f"{outcome.state}, on the provider's side")
 
 
 def _service(request: Request) -> Signup:
