@@ -53,6 +53,23 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    init = commands.add_parser(
+        "init", help="start a newsletter: settings, an example issue and subscribers",
+        description="Write DIR/newsletter.toml (commented), DIR/issues/ with an example issue and "
+                    "DIR/subscribers.csv. On a terminal it asks for what the flags do not give; otherwise "
+                    "--name, --sender and --postal-address are required. Existing files are never overwritten.")
+    init.add_argument("dir", nargs="?", type=Path, default=Path("."), metavar="DIR",
+                      help="the newsletter's folder (default: the current one; made if missing)")
+    init.add_argument("--name", help="the newsletter's name")
+    init.add_argument("--sender", metavar="ADDRESS", help="the From address")
+    init.add_argument("--postal-address", help="your postal address, shown in every email")
+    init.add_argument("--base-url", metavar="URL",
+                      help="where the web archive will live (default: https://SENDER-DOMAIN/newsletter)")
+    init.add_argument("--templates", action="store_true",
+                      help="also copy the default templates into DIR/templates to edit (works on an existing "
+                           "folder too); files there override the packaged ones one by one")
+    init.set_defaults(run=run_init)
+
     new = commands.add_parser("new", parents=[common], help="write a new issue file from a commented skeleton",
                               description="Write issues/DATE-TITLE.yaml from a commented skeleton.")
     new.add_argument("--date", type=_date, default=None, help="the issue's date, YYYY-MM-DD (default: today)")
@@ -175,6 +192,37 @@ def _summary(report) -> str:
     e, w, n = len(report.errors), len(report.warnings), len(report.files)
     return (f"{e} error{'s' * (e != 1)}, {w} warning{'s' * (w != 1)} "
             f"in {n} file{'s' * (n != 1)}")
+
+
+def run_init(args) -> int:
+    from .config import CONFIG_FILE
+    from .errors import OutputError
+    from .starter import gather, init_folder
+
+    values = None
+    if not (args.dir / CONFIG_FILE).exists() or not args.templates:
+        if (args.dir / CONFIG_FILE).exists():
+            raise OutputError(f"{args.dir / CONFIG_FILE} already exists; nothing was changed "
+                              "(`newsletter init --templates` copies the default templates next to it)")
+        given = {k: getattr(args, k) for k in ("name", "sender", "postal_address", "base_url")}
+        try:
+            values = gather(given, input if sys.stdin.isatty() else None)  # asks only on a terminal
+        except ConfigError as exc:
+            print("newsletter init: nothing was written:", file=sys.stderr)
+            for message in exc.messages:
+                print(f"  {message}", file=sys.stderr)
+            return EXIT_FAILED
+    report = init_folder(args.dir, values, templates=args.templates)
+    for path in report.written:
+        print(f"wrote {path}")
+    for path in report.kept:
+        print(f"kept {path} (already there)")
+    if values is not None:
+        where = "" if args.dir.resolve() == Path.cwd().resolve() else f"cd {args.dir} && "
+        print(f"next: {where}newsletter build  (the email and web page in dist/), then "
+              "`newsletter subscribers import subscribers.csv` and `newsletter send ISSUE` "
+              "(the outbox backend writes .eml proofs to outbox/)")
+    return EXIT_OK
 
 
 def run_new(args) -> int:

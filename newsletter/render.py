@@ -26,6 +26,7 @@ import re
 import sys
 import types
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -43,6 +44,9 @@ EMAIL_TEMPLATE = "email.mjml"
 INLINE_CSS_TEMPLATE = "email.css"
 TEXT_TEMPLATE = "email.txt"
 TEXT_WIDTH = 78
+
+# The default templates, shipped in the package (a symlink to templates/ in the repository).
+PACKAGED_TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 # Per-recipient values, spliced in at send time. No spaces inside: premailer would
 # percent-encode them in attributes.
@@ -92,7 +96,7 @@ class Renderer:
     def __init__(self, config: Config):
         self.config = config
         self.env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(str(config.design.templates)),
+            loader=template_loader(config.design.templates),
             bytecode_cache=_bytecode_cache(),
             # HTML-escaping is on for everything but the plain-text, CSS and YAML templates.
             autoescape=lambda name: not (name or "").endswith((".txt", ".css", ".yaml")),
@@ -173,7 +177,8 @@ class Renderer:
         try:
             return self.env.get_template(name).render(ctx)
         except jinja2.TemplateNotFound as exc:
-            raise TemplateError(f"template {exc.name!r} not found in {self.config.design.templates}") from None
+            raise TemplateError(f"template {exc.name!r} not found in {self.config.design.templates} "
+                                f"nor among the packaged ones ({PACKAGED_TEMPLATES})") from None
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"{exc.filename or name}:{exc.lineno}: template syntax error: {exc.message}") from None
         except jinja2.TemplateRuntimeError as exc:  # an undefined name; a merge field tested with `if`
@@ -188,6 +193,15 @@ class Renderer:
         html = html.replace("<style", '<style data-premailer="ignore"')
         html = self._inliner(html, css).replace(' data-premailer="ignore"', "")
         return "<!DOCTYPE html>\n" + html
+
+
+def template_loader(folder: Path) -> jinja2.BaseLoader:
+    """The folder's own templates first, file by file, then the packaged defaults: a newsletter
+    made by `newsletter init` builds with no templates of its own and overrides only what it edits."""
+    folders = [Path(folder), PACKAGED_TEMPLATES]
+    if Path(folder).resolve() == PACKAGED_TEMPLATES.resolve():
+        folders = folders[:1]
+    return jinja2.ChoiceLoader([jinja2.FileSystemLoader(str(f)) for f in folders])
 
 
 def _with_fallbacks(html: str, merges: tuple[tuple[str, str], ...]) -> str:
