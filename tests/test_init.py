@@ -143,7 +143,7 @@ def test_on_a_terminal_it_asks_and_asks_again_after_a_wrong_answer(tmp_path):
 # -- the wheel --------------------------------------------------------------------------------
 
 BUILD_LEFTOVERS = shutil.ignore_patterns(".git", ".venv", "build", "dist", "site", "outbox", "*.egg-info",
-                                         "__pycache__", ".hypothesis", ".pytest_cache", "artifacts", "*.sqlite3*")
+                                         "__pycache__", ".node", "node_modules", ".hypothesis", ".pytest_cache", "artifacts", "*.sqlite3*")
 
 
 def test_the_wheel_alone_carries_templates_and_example(tmp_path):
