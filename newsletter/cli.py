@@ -199,11 +199,12 @@ def run_init(args) -> int:
     from .errors import OutputError
     from .starter import gather, init_folder
 
-    values = None
-    if not (args.dir / CONFIG_FILE).exists() or not args.templates:
-        if (args.dir / CONFIG_FILE).exists():
+    values = None  # an existing folder: with --templates, only the templates are copied
+    if (args.dir / CONFIG_FILE).exists():
+        if not args.templates:  # said before asking anything
             raise OutputError(f"{args.dir / CONFIG_FILE} already exists; nothing was changed "
                               "(`newsletter init --templates` copies the default templates next to it)")
+    else:
         given = {k: getattr(args, k) for k in ("name", "sender", "postal_address", "base_url")}
         try:
             values = gather(given, input if sys.stdin.isatty() else None)  # asks only on a terminal

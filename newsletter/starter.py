@@ -65,7 +65,10 @@ def gather(given: dict[str, str | None], ask: Callable[[str], str] | None) -> di
                 problems.append(f"{f.flag} is missing")
             continue
         while True:  # on a terminal: ask again until the answer is valid
-            answer = ask(f"{f.prompt}" + (f" [{default}]" if default else "") + ": ").strip()
+            try:
+                answer = ask(f"{f.prompt}" + (f" [{default}]" if default else "") + ": ").strip()
+            except EOFError:  # Ctrl-D
+                raise ConfigError([f"{f.flag}: no answer (end of input)"]) from None
             try:
                 values[f.key] = f.option.validate(answer or default or "")
                 break
