@@ -66,6 +66,12 @@ def make_parser() -> argparse.ArgumentParser:
     check.add_argument("paths", nargs="*", metavar="PATH", default=["issues"],
                        help="issue files or folders of them (default: issues/)")
     check.add_argument("--strict", action="store_true", help="fail on warnings too")
+    check.add_argument("--links", action="store_true",
+                       help="also fetch every link (broken ones are warnings; found fine, remembered for an hour)")
+    check.add_argument("--link-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="give up on a link after this long (default: 10)")
+    check.add_argument("--list", type=Path, metavar="FILE.csv", dest="list_csv",
+                       help="check merge fields against this subscriber CSV (default: the store's subscribers)")
     check.set_defaults(run=run_check)
 
     build = commands.add_parser("build", parents=[common], help="build email HTML, plain text and web page",
@@ -186,13 +192,23 @@ def run_new(args) -> int:
 
 
 def run_check(args) -> int:
-    from .build import check_paths
+    from .build import LinkOptions, check_paths
+    from .lint import csv_fields, store_fields
 
-    report = check_paths(args.paths, _load_config(args))
+    config = _load_config(args)
+    if args.list_csv:
+        fields = (csv_fields(args.list_csv), str(args.list_csv))
+    else:
+        have = store_fields(config.store.path)
+        fields = None if have is None else (have, "the store")
+    links = LinkOptions(timeout=args.link_timeout) if args.links else None
+    report = check_paths(args.paths, config, links=links, fields=fields)
     if not report.files:
         print("no issue files found in " + ", ".join(map(str, args.paths)), file=sys.stderr)
         return EXIT_INVALID
     _print_problems(report.problems)
+    for note in report.notes:
+        print(note, file=sys.stderr)
     failed = report.failed(args.strict)
     print(("check failed: " if failed else "ok: ") + _summary(report), file=sys.stderr if failed else sys.stdout)
     return EXIT_INVALID if failed else EXIT_OK
