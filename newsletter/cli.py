@@ -28,6 +28,16 @@ def _date(text: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}") from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not 0 < value <= 300:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds over 0 and at most 300, got {text!r}")
+    return value
+
+
 def _when(text: str) -> str:
     """An ISO date or time, as the store writes them (UTC, seconds)."""
     try:
@@ -68,7 +78,7 @@ def make_parser() -> argparse.ArgumentParser:
     check.add_argument("--strict", action="store_true", help="fail on warnings too")
     check.add_argument("--links", action="store_true",
                        help="also fetch every link (broken ones are warnings; found fine, remembered for an hour)")
-    check.add_argument("--link-timeout", type=float, default=10.0, metavar="SECONDS",
+    check.add_argument("--link-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                        help="give up on a link after this long (default: 10)")
     check.add_argument("--list", type=Path, metavar="FILE.csv", dest="list_csv",
                        help="check merge fields against this subscriber CSV (default: the store's subscribers)")
@@ -193,13 +203,18 @@ def run_new(args) -> int:
 
 def run_check(args) -> int:
     from .build import LinkOptions, check_paths
+    from .errors import StoreError
     from .lint import csv_fields, store_fields
 
     config = _load_config(args)
     if args.list_csv:
         fields = (csv_fields(args.list_csv), str(args.list_csv))
     else:
-        have = store_fields(config.store.path)
+        try:
+            have = store_fields(config.store.path)
+        except StoreError as exc:  # a store this check cannot read is no reason to fail it
+            print(f"merge fields not checked: {exc}", file=sys.stderr)
+            have = None
         fields = None if have is None else (have, "the store")
     links = LinkOptions(timeout=args.link_timeout) if args.links else None
     report = check_paths(args.paths, config, links=links, fields=fields)

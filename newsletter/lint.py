@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+
+import jinja2
 from pathlib import Path
 from typing import Iterable
 
@@ -41,7 +43,10 @@ def contrast_problems(renderer: Renderer) -> list[Problem]:
     """Each text colour against what it sits on, in the colours the templates really use."""
     config = renderer.config
     theme_path = Path(config.design.templates) / THEME_TEMPLATE
-    theme = renderer.env.get_template(THEME_TEMPLATE).module
+    try:
+        theme = renderer.env.get_template(THEME_TEMPLATE).module
+    except jinja2.TemplateError:
+        theme = None  # templates of one's own without theme.j2: only the accent's shades are known
     colors = palette(config.design.accent_color)
     named = {"card": CARD}
     for name in ("accent", "link", "on_accent", "dark_link"):
