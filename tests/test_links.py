@@ -2,6 +2,7 @@
 the cache, and a machine with no network. No traffic ever leaves the machine: the
 unreachable hosts are loopback addresses with nothing listening."""
 
+import asyncio
 import socket
 import socketserver
 import threading
@@ -13,7 +14,8 @@ import pytest
 
 from conftest import ROOT, run_cli
 from newsletter.build import LinkOptions, check_paths
-from newsletter.links import NO_NETWORK, Cache, Outcome, _failure, check_links, issue_links, looks_offline
+from newsletter.links import (NO_NETWORK, Cache, Outcome, _failure, check_links, fetch_all, issue_links,
+                              looks_offline)
 from newsletter.reader import read_issue
 
 
@@ -27,6 +29,14 @@ class Site(BaseHTTPRequestHandler):
         if path == "/hang":
             self.server.release.wait(30)
             return
+        if path.startswith("/slow"):  # held a moment, so that requests overlap if allowed to
+            with self.server.lock:
+                self.server.in_flight += 1
+                self.server.most = max(self.server.most, self.server.in_flight)
+            self.server.release.wait(0.3)
+            with self.server.lock:
+                self.server.in_flight -= 1
+            path = "/ok"
         if path in ("/moved", "/temp"):
             self.send_response(301 if path == "/moved" else 302)
             self.send_header("Location", "/ok")
@@ -48,6 +58,7 @@ def site():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Site)
     server.daemon_threads = True
     server.requests, server.release = Counter(), threading.Event()
+    server.lock, server.in_flight, server.most = threading.Lock(), 0, 0
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -211,3 +222,13 @@ def test_check_links_on_the_command_line(tmp_path, site):
     strict = run_cli("check", "--links", "--strict", "--config", ROOT / "newsletter.toml", path, env=env)
     assert strict.returncode == 1 and "check failed" in strict.stderr
     assert "--links" in run_cli("check", "--help").stdout
+
+
+def test_at_most_two_requests_at_once_to_one_host(site):
+    urls = [url(site, f"/slow{i}") for i in range(6)]
+    outcomes = asyncio.run(fetch_all(urls, timeout=10.0, limit=8, per_host=2))
+    assert [o.status for o in outcomes.values()] == [200] * 6
+    assert site.most == 2
+    site.most = 0
+    asyncio.run(fetch_all(urls, timeout=10.0, limit=3, per_host=5))
+    assert site.most == 3  # the overall limit
