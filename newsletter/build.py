@@ -7,11 +7,18 @@ from pathlib import Path
 
 from .config import Config
 from .errors import IssueError, Problem
+from .lint import contrast_problems, merge_field_problems
 from .reader import load_issue
 from .render import Rendered, Renderer, size_problems
 from .writer import write_issue
 
 ISSUE_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    timeout: float = 10.0
+    cache: object = None  # a links.Cache; None: the one in the user's cache folder
 
 
 def expand_paths(paths: list[str | Path]) -> list[Path]:
@@ -31,6 +38,7 @@ class CheckReport:
     problems: list[Problem] = field(default_factory=list)
     rendered: list[Rendered] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # said, never failing: "no network", temporary redirects
 
     @property
     def errors(self) -> list[Problem]:
@@ -44,8 +52,10 @@ class CheckReport:
         return bool(self.errors or (strict and self.warnings))
 
 
-def check_paths(paths: list[str | Path], config: Config) -> CheckReport:
-    """Read, check and render every file; report every problem in every file."""
+def check_paths(paths: list[str | Path], config: Config, links: LinkOptions | None = None,
+                fields: tuple[set[str], str] | None = None) -> CheckReport:
+    """Read, check and render every file; report every problem in every file.
+    `links`: also fetch every link; `fields`: (the subscribers' merge fields, where they came from)."""
     report = CheckReport(expand_paths(paths))
     renderer = None
     for path in report.files:
@@ -56,7 +66,17 @@ def check_paths(paths: list[str | Path], config: Config) -> CheckReport:
         renderer = renderer or Renderer(config)
         rendered = renderer.render(result.issue)
         report.problems.extend(size_problems(rendered))
+        if fields is not None:
+            report.problems.extend(merge_field_problems(rendered, fields[0], config.design.templates, fields[1]))
         report.rendered.append(rendered)
+    if renderer is not None:
+        report.problems.extend(contrast_problems(renderer))
+    if links is not None and report.rendered:
+        from . import links as links_mod  # httpx: only when asked to
+
+        found = links_mod.check_links([r.issue for r in report.rendered], links.timeout, cache=links.cache)
+        report.problems.extend(found.problems)
+        report.notes.extend(found.notes)
     return report
 
 

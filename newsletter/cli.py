@@ -28,6 +28,16 @@ def _date(text: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}") from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not 0 < value <= 300:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds over 0 and at most 300, got {text!r}")
+    return value
+
+
 def _when(text: str) -> str:
     """An ISO date or time, as the store writes them (UTC, seconds)."""
     try:
@@ -83,6 +93,12 @@ def make_parser() -> argparse.ArgumentParser:
     check.add_argument("paths", nargs="*", metavar="PATH", default=["issues"],
                        help="issue files or folders of them (default: issues/)")
     check.add_argument("--strict", action="store_true", help="fail on warnings too")
+    check.add_argument("--links", action="store_true",
+                       help="also fetch every link (broken ones are warnings; found fine, remembered for an hour)")
+    check.add_argument("--link-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                       help="give up on a link after this long (default: 10)")
+    check.add_argument("--list", type=Path, metavar="FILE.csv", dest="list_csv",
+                       help="check merge fields against this subscriber CSV (default: the store's subscribers)")
     check.set_defaults(run=run_check)
 
     build = commands.add_parser("build", parents=[common], help="build email HTML, plain text and web page",
@@ -235,13 +251,28 @@ def run_new(args) -> int:
 
 
 def run_check(args) -> int:
-    from .build import check_paths
+    from .build import LinkOptions, check_paths
+    from .errors import StoreError
+    from .lint import csv_fields, store_fields
 
-    report = check_paths(args.paths, _load_config(args))
+    config = _load_config(args)
+    if args.list_csv:
+        fields = (csv_fields(args.list_csv), str(args.list_csv))
+    else:
+        try:
+            have = store_fields(config.store.path)
+        except StoreError as exc:  # a store this check cannot read is no reason to fail it
+            print(f"merge fields not checked: {exc}", file=sys.stderr)
+            have = None
+        fields = None if have is None else (have, "the store")
+    links = LinkOptions(timeout=args.link_timeout) if args.links else None
+    report = check_paths(args.paths, config, links=links, fields=fields)
     if not report.files:
         print("no issue files found in " + ", ".join(map(str, args.paths)), file=sys.stderr)
         return EXIT_INVALID
     _print_problems(report.problems)
+    for note in report.notes:
+        print(note, file=sys.stderr)
     failed = report.failed(args.strict)
     print(("check failed: " if failed else "ok: ") + _summary(report), file=sys.stderr if failed else sys.stdout)
     return EXIT_INVALID if failed else EXIT_OK

@@ -151,8 +151,9 @@ class MarkdownText(Text):
         first_line = node.start_mark.line + (2 if block else 1)
         md = Markdown(value, first_line)
         ok = True
-        for found in markdown.links(md.tokens):
+        for i, found in enumerate(markdown.links(md.tokens)):
             where = (first_line + found.line, 1) if node.style == "|" else node
+            ctx.positions[f"{field}#link{i}"] = _where(where)  # for `check --links`, by link index
             if found.kind == "image":
                 ctx.report(where, field, "images are not allowed in Markdown text; use lead.image")
                 ok = False
@@ -446,6 +447,18 @@ def _compose(path: str, ctx: _Context) -> yaml.Node | None:
 def _warn_about(issue: Issue, root: yaml.Node, ctx: _Context) -> None:
     if issue.preheader is None:
         ctx.warn(root, "preheader", "missing; inboxes will show the first words of the email instead")
+    elif _same_words(issue.preheader).startswith(_same_words(issue.subject)):
+        ctx.warn(issue.position("preheader"), "preheader",
+                 "repeats the subject; inboxes show both side by side, so say something the subject does not")
+    image = issue.lead.image
+    if image is not None and image.width is None:
+        ctx.warn(issue.position("lead.image"), "lead.image",
+                 "no width in pixels; it will be stretched to the full column: give its real width (at most 600)")
     if len(issue.subject) > SUBJECT_PHONE:
         ctx.warn(issue.position("subject"), "subject",
                  f"{len(issue.subject)} characters; phones show about the first {SUBJECT_PHONE}")
+
+
+def _same_words(text: str) -> str:
+    """Text compared word for word: case, punctuation and spacing ignored."""
+    return " ".join(re.findall(r"\w+", text.casefold()))
