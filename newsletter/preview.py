@@ -89,14 +89,17 @@ class Preview:
     _renderer: object = None
     _config_key: object = None
 
-    def watched(self) -> list[Path]:
-        """Folders to watch: the issue's, the templates', the settings file's."""
-        paths = {self.issue_path.resolve().parent, self.config_path.resolve().parent}
+    def watched(self) -> tuple[list[Path], list[Path]]:
+        """(folders watched alone, folders watched with their subfolders): the issue's and
+        the settings file's alone (the project root may hold a .venv of thousands of
+        folders), the templates' whole."""
+        flat = {self.issue_path.resolve().parent, self.config_path.resolve().parent}
+        deep = set()
         try:
-            paths.add(load_config(self.config_path).design.templates.resolve())
+            deep.add(load_config(self.config_path).design.templates.resolve())
         except NewsletterError:
             pass
-        return sorted(p for p in paths if p.is_dir())
+        return sorted(p for p in flat - deep if p.is_dir()), sorted(p for p in deep if p.is_dir())
 
     def relevant(self, path: str) -> bool:
         p = Path(path)
@@ -176,19 +179,26 @@ def make_app(preview: Preview, watch: bool = True):
     events = {"current": changed}
     stopping = asyncio.Event()
 
-    async def rebuild():
-        await asyncio.to_thread(preview.refresh)
-        old, events["current"] = events["current"], asyncio.Event()
-        old.set()
+    lock = asyncio.Lock()  # one rendering at a time, whichever watcher saw the change
 
-    async def watcher():
+    async def rebuild():
+        async with lock:
+            await asyncio.to_thread(preview.refresh)
+            old, events["current"] = events["current"], asyncio.Event()
+            old.set()
+
+    async def watch_folders(folders: list[Path], recursive: bool):
         import watchfiles
 
-        folders = preview.watched()
         # Rust's notify underneath: no polling loop of ours; step groups an editor's burst of writes.
         async for _ in watchfiles.awatch(*folders, watch_filter=lambda _c, p: preview.relevant(p),
-                                         stop_event=stopping, step=30, debounce=400, recursive=True):
+                                         stop_event=stopping, step=30, debounce=400, recursive=recursive):
             await rebuild()
+
+    async def watcher():
+        flat, deep = preview.watched()
+        jobs = [watch_folders(f, r) for f, r in ((flat, False), (deep, True)) if f]
+        await asyncio.gather(*jobs)
 
     async def page(request):
         return HTMLResponse(PAGE)

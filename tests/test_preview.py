@@ -114,7 +114,7 @@ def test_preview_follows_edits(server):
         assert browser.evaluate("window.notReloaded === true"), "the page was reloaded"
 
 
-def test_preview_shows_template_errors(server, project):
+def test_preview_follows_templates_and_settings(server, project):
     url, _ = server
     template = project / "templates" / "email.mjml"
     original = template.read_text(encoding="utf-8")
@@ -128,6 +128,15 @@ def test_preview_shows_template_errors(server, project):
         assert f"email.mjml:{line}" in problems, problems
         template.write_text(original, encoding="utf-8")
         wait_until(browser, "document.body.dataset.ok === 'true'", "the fixed template")
+
+        # the settings file is followed too: the list's name is in List-Id
+        settings = project / "newsletter.toml"
+        text = settings.read_text(encoding="utf-8")
+        assert 'name = "The Watchman Brief"' in text
+        settings.write_text(text.replace('name = "The Watchman Brief"', 'name = "The Preview Brief"', 1),
+                            encoding="utf-8")
+        wait_until(browser, "document.getElementById('header-block').textContent"
+                            ".includes('List-Id: The Preview Brief <')", "the renamed list")
 
 
 def test_preview_state_is_json(server):
