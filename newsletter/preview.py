@@ -128,8 +128,9 @@ class Preview:
         self.version += 1
         state["version"] = self.version
         state["issue"] = str(self.issue_path)
-        if not state["ok"] and self.state.get("last_good"):
-            state["last_good"] = self.state["last_good"]  # the page keeps showing the last good rendering
+        if not state["ok"] and "light" in self.state:
+            # the page keeps showing the last good rendering under the problems
+            state.update({k: self.state[k] for k in GOOD_KEYS}, stale=True)
         self.state = state
         return state
 
@@ -150,7 +151,7 @@ class Preview:
         warnings = [_problem(p) for p in result.problems if not p.is_error]
         good = {"subject": s.subject, "light": pin_scheme(s.html, False), "dark": pin_scheme(s.html, True),
                 "text": s.text, "headers": s.headers}
-        return {"ok": True, "problems": warnings, **good, "last_good": True}
+        return {"ok": True, "problems": warnings, **good}
 
 
 def _problem(p) -> dict:
@@ -158,6 +159,8 @@ def _problem(p) -> dict:
     field_ = f"{p.field}: " if p.field else ""
     return {"where": where, "message": ("" if p.is_error else "warning: ") + field_ + p.message}
 
+
+GOOD_KEYS = ("subject", "light", "dark", "text", "headers")
 
 _WHERE = re.compile(r"^(\S+?:\d+(?::\d+)?): (.*)$")
 
@@ -204,7 +207,7 @@ def make_app(preview: Preview, watch: bool = True):
         return HTMLResponse(PAGE)
 
     async def state(request):
-        return JSONResponse(_public(preview.state), headers={"Cache-Control": "no-store"})
+        return JSONResponse(preview.state, headers={"Cache-Control": "no-store"})
 
     async def stream(request):
         async def lines():
@@ -246,10 +249,6 @@ def make_app(preview: Preview, watch: bool = True):
         Route("/state", state),
         Route("/events", stream),
     ], lifespan=lifespan)
-
-
-def _public(state: dict) -> dict:
-    return {k: v for k, v in state.items() if k != "last_good"}
 
 
 def run_preview(issue_path: Path, config_path: Path | None, host: str, port: int, open_browser: bool = False,
@@ -362,10 +361,10 @@ function show(state) {
   box.classList.toggle("shown", (state.problems || []).length > 0);
   box.classList.toggle("warnings", state.ok);
   document.getElementById("problems-title").textContent = state.ok ? "Warnings" :
-    "The issue cannot be rendered (showing the last good version)";
+    state.stale ? "The issue cannot be rendered (below: the last good version)" : "The issue cannot be rendered";
   document.body.dataset.version = state.version;
   document.body.dataset.ok = state.ok;
-  if (!state.ok) return;
+  if (state.light === undefined) return;
   document.getElementById("subject").textContent = state.subject;
   document.title = "Preview: " + state.subject;
   frame("desktop", state.light); frame("phone", state.light); frame("dark", state.dark);

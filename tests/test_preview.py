@@ -104,6 +104,12 @@ def test_preview_follows_edits(server):
         assert f"{EXAMPLE.name}:{at + 1}" in problems and "date" in problems, problems
         assert browser.evaluate("getComputedStyle(document.getElementById('problems')).display") != "none"
         assert LEAD_TITLE not in browser.evaluate(FRAME_TEXT.format("desktop"))  # the last good one, edited
+        # a page opened now shows the same: the problem above the last good rendering
+        browser.open(url)
+        wait_until(browser, "document.body.dataset.ok === 'false' && " + FRAME_TEXT.format("desktop")
+                   + ".includes('Edited Lead Title For The Preview')", "the last good rendering under the problem")
+        assert "last good" in browser.evaluate("document.getElementById('problems-title').textContent")
+        browser.evaluate("window.notReloaded = true")
 
         # fixed: the problem goes away
         issue.write_text(original, encoding="utf-8")
