@@ -147,6 +147,24 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override [serve] port")
     serve.set_defaults(run=run_serve)
 
+    snap = commands.add_parser("snapshot", parents=[common], help="screenshot an issue: desktop, phone, dark mode",
+                               description="Write desktop.png (800 px), phone.png (375 px) and dark.png (375 px, "
+                                           "dark mode), each the email's full height, taken by headless Chromium "
+                                           "as a sample recipient gets the issue.")
+    snap.add_argument("issue", metavar="ISSUE", help="the issue file (or its name in issues/)")
+    snap.add_argument("--out", type=Path, help="output folder (default: snapshots/<name>/)")
+    snap.set_defaults(run=run_snapshot)
+
+    prev = commands.add_parser("preview", parents=[common], help="show an issue in a local page that follows edits",
+                               description="Serve a page with the issue at desktop and phone width, in dark mode, "
+                                           "its plain text and headers; it updates itself when the issue file, "
+                                           "a template or the settings change, and shows problems with file:line.")
+    prev.add_argument("issue", metavar="ISSUE", help="the issue file (or its name in issues/)")
+    prev.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    prev.add_argument("--port", type=int, default=8025, help="port (default: 8025; 0 picks a free one)")
+    prev.add_argument("--open", action="store_true", help="open the page in the default browser")
+    prev.set_defaults(run=run_preview)
+
     inbox = commands.add_parser(
         "inbox", parents=[common], help="read bounces, complaints and mailto unsubscribes from the bounce mailbox",
         description="Read [inbox] folder over IMAP (TLS verified; the password from NEWSLETTER_INBOX_PASSWORD): "
@@ -323,6 +341,26 @@ def _issue_path(name: str) -> Path:
     if not path.exists() and path.suffix not in (".yaml", ".yml") and (Path("issues") / f"{name}.yaml").exists():
         return Path("issues") / f"{name}.yaml"
     return path
+
+
+def run_snapshot(args) -> int:
+    from .snapshot import snapshot_issue
+
+    try:
+        shots = snapshot_issue(_issue_path(args.issue), _load_config(args), args.out)
+    except IssueError as exc:
+        _print_problems(exc.problems)
+        return EXIT_INVALID
+    for path in shots.values():
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def run_preview(args) -> int:
+    from .preview import run_preview as serve_preview
+
+    serve_preview(_issue_path(args.issue), args.config, args.host, args.port, open_browser=args.open)
+    return EXIT_OK
 
 
 def _print_csv_report(report, path) -> None:
