@@ -391,3 +391,20 @@ def test_a_batch_bigger_than_the_services_body_limit_is_taken_at_the_webhook_onl
     assert standing(service.config, PEOPLE[0])[:2] == ("complained", True)
     elsewhere = service.client.post("/health", content=body)  # any other path: the small limit
     assert elsewhere.status_code == 413
+
+
+def test_mailgun_token_cache_cannot_be_dodged_by_moving_the_split(service):
+    # Mailgun signs timestamp + token, concatenated, and not the body: the token cache is what
+    # stops a captured signature from carrying other events. Moving the split between the two
+    # ("...e0" + rest) keeps the HMAC and the time (a float "1700000000e0") but makes a new token.
+    config = service.config
+    post = lambda body: service.client.post("/webhooks/mailgun", json=body)  # noqa: E731
+    token = "e0" + uuid.uuid4().hex + uuid.uuid4().hex[:16]
+    captured = mailgun_body(mailgun_event("delivered", PEOPLE[0]), token=token)
+    assert post(captured).status_code == 200
+    signed = captured["signature"]
+    forged = {"signature": {"timestamp": signed["timestamp"] + "e0", "token": signed["token"][2:],
+                            "signature": signed["signature"]},
+              "event-data": mailgun_event("complained", PEOPLE[5])}
+    assert post(forged).status_code == 401
+    assert standing(config, PEOPLE[5]) == ("subscribed", False, "sent")

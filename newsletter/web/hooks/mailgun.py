@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 
 from ...outcome import COMPLAINT, HARD_BOUNCE, SOFT_BOUNCE, UNSUBSCRIBE, Event
@@ -37,6 +38,11 @@ def verify(incoming: Incoming, body: dict) -> str:
     timestamp, token, signature = (str(signed.get(k, "")) for k in ("timestamp", "token", "signature"))
     if not (timestamp and token and signature):
         raise unauthorized("the signature object lacks timestamp, token or signature")
+    # Unix seconds, digits only: the HMAC covers timestamp + token run together, so a
+    # timestamp that may end in "e0" (or "_0", ".0") would let a captured signature be split
+    # another way, as a new token that the replay cache has never seen.
+    if not re.fullmatch(r"[0-9]{1,12}", timestamp):
+        raise unauthorized("the timestamp is not a number of seconds")
     expected = hmac.new(incoming.settings.mailgun_signing_key.encode(), (timestamp + token).encode(),
                         hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, signature.lower()):
