@@ -408,3 +408,11 @@ def test_mailgun_token_cache_cannot_be_dodged_by_moving_the_split(service):
               "event-data": mailgun_event("complained", PEOPLE[5])}
     assert post(forged).status_code == 401
     assert standing(config, PEOPLE[5]) == ("subscribed", False, "sent")
+
+
+def test_mailgun_a_signature_that_is_not_ascii_is_refused_not_a_server_error(service):
+    body = mailgun_body(mailgun_event("complained", PEOPLE[5]))
+    body["signature"]["signature"] = "\u00e9" * 64
+    answer = service.client.post("/webhooks/mailgun", json=body)
+    assert answer.status_code == 401  # a forgery: Mailgun's retries of a 500 would go on for hours
+    assert standing(service.config, PEOPLE[5]) == ("subscribed", False, "sent")

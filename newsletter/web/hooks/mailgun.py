@@ -45,7 +45,7 @@ def verify(incoming: Incoming, body: dict) -> str:
         raise unauthorized("the timestamp is not a number of seconds")
     expected = hmac.new(incoming.settings.mailgun_signing_key.encode(), (timestamp + token).encode(),
                         hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, signature.lower()):
+    if not hmac.compare_digest(expected.encode(), signature.lower().encode("utf-8", "replace")):
         raise unauthorized("the signature does not match")
     try:
         age = time.time() - float(timestamp)
