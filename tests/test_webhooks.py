@@ -416,3 +416,10 @@ def test_mailgun_a_signature_that_is_not_ascii_is_refused_not_a_server_error(ser
     answer = service.client.post("/webhooks/mailgun", json=body)
     assert answer.status_code == 401  # a forgery: Mailgun's retries of a 500 would go on for hours
     assert standing(service.config, PEOPLE[5]) == ("subscribed", False, "sent")
+
+
+def test_a_deeply_nested_body_is_malformed_not_a_server_error(service):
+    # Mailgun's signature is inside the body, so this is read before anything is checked
+    answer = service.client.post("/webhooks/mailgun", content=b"[" * 10_000,
+                                 headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400

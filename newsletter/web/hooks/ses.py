@@ -142,7 +142,7 @@ async def events(incoming: Incoming) -> list[Event]:
         return []
     try:
         ses = json.loads(message["Message"])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise malformed("the Message is not an SES event (JSON)") from None
     if not isinstance(ses, dict):
         raise malformed("the Message is not an SES event (JSON object)")
