@@ -423,3 +423,17 @@ def test_a_deeply_nested_body_is_malformed_not_a_server_error(service):
     answer = service.client.post("/webhooks/mailgun", content=b"[" * 10_000,
                                  headers={"Content-Type": "application/json"})
     assert answer.status_code == 400
+
+
+def test_a_chunked_body_over_the_webhook_limit_is_413_not_a_server_error(tmp_path):
+    # No Content-Length (chunked): the service's own limit notices while reading, inside the
+    # webhook's handler, which must answer 413 like the handler's own check, not 500.
+    config = make_config(tmp_path, mailgun_signing_key=MAILGUN_KEY, max_body=2048)
+
+    def chunks():
+        for _ in range(8):
+            yield b"x" * 1024
+
+    with Service(config) as running, httpx.Client(base_url=running.url, timeout=20) as client:
+        answer = client.post("/webhooks/mailgun", content=chunks(), headers={"Content-Type": "application/json"})
+    assert answer.status_code == 413
