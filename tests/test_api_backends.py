@@ -1318,3 +1318,18 @@ def test_ses_against_moto_an_unverified_sender_stops_the_run_then_a_verified_one
     assert fixed.counts["sent"] == 6 and not fixed.refused
     for state, reply, _ in ledger(config).values():
         assert state == "sent" and reply.startswith("200 MessageId ")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_bounce_address_is_never_the_from_address(tmp_path, provider):
+    # [send] bounce_address is the envelope sender for SMTP (VERP, with {token}); through an
+    # API the reader must still see [sender] address in From, never the bounce mailbox.
+    with ApiServer() as server:
+        env = {**api_env(tmp_path, server, provider), "NEWSLETTER_SEND_BOUNCE_ADDRESS": "bounces+{token}@watchman.example"}
+        config = config_for(env)
+        subscribe(config, addresses(2))
+        assert send_issue(EXAMPLE, config).this_run["sent"] == 2, ledger(config)
+        for request in server.requests:  # no API takes our envelope sender: its {token} is never filled in
+            body = request.body.decode("utf-8", "replace")
+            assert "bounces+" not in body and "bounces%2B" not in body, body[:300]
+            assert provider == "ses" or config.sender.address in body  # SES: in the base64 of the raw message
