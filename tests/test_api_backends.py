@@ -1333,3 +1333,54 @@ def test_a_bounce_address_is_never_the_from_address(tmp_path, provider):
             body = request.body.decode("utf-8", "replace")
             assert "bounces+" not in body and "bounces%2B" not in body, body[:300]
             assert provider == "ses" or config.sender.address in body  # SES: in the base64 of the raw message
+
+
+class _GarbledGzip:
+    """An HTTP server on loopback that reads each request whole and answers 202 with a body
+    that says it is gzip and is not (a broken proxy, a provider's bad day)."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.requests = 0
+        import threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, body = data.split(b"\r\n\r\n", 1)
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+                while len(body) < length:
+                    body += conn.recv(65536)
+                self.requests += 1
+                garbage = b"this is not gzip at all"
+                conn.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(garbage), garbage))
+
+    def close(self):
+        self.listener.close()
+
+
+def test_an_answer_that_cannot_be_decoded_is_uncertain_not_a_crash(tmp_path):
+    # The request went out and the provider answered, but the answer cannot be read: the
+    # messages may have been delivered (uncertain, never resent by itself), and the user gets
+    # a sentence, not a traceback.
+    server = _GarbledGzip()
+    try:
+        config = config_for(api_env(tmp_path, server, "sendgrid", send={"breaker": 0}))
+        subscribe(config, addresses(3))
+        summary = send_issue(EXAMPLE, config)
+        assert server.requests == 1  # never sent again
+        assert summary.counts["uncertain"] == 3 and summary.counts["sending"] == 0
+    finally:
+        server.close()
