@@ -437,3 +437,21 @@ def test_a_chunked_body_over_the_webhook_limit_is_413_not_a_server_error(tmp_pat
     with Service(config) as running, httpx.Client(base_url=running.url, timeout=20) as client:
         answer = client.post("/webhooks/mailgun", content=chunks(), headers={"Content-Type": "application/json"})
     assert answer.status_code == 413
+
+
+def test_mailgun_a_permanent_failure_that_blames_the_sender_suppresses_nobody(service):
+    # The same rule as every other door (DESIGN, outcome.py): only "this mailbox does not
+    # exist" suppresses; a refusal of our sending (a block list, relay denied) is not the reader's.
+    config, post = service.config, lambda body: service.client.post("/webhooks/mailgun", json=body)
+    blocked = mailgun_event("failed", PEOPLE[4], severity="permanent", reason="bounce", **{"delivery-status": {
+        "code": 554, "message": "5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org"}})
+    assert post(mailgun_body(blocked)).status_code == 200
+    assert standing(config, PEOPLE[4]) == ("subscribed", False, "sent")
+    gone = mailgun_event("failed", PEOPLE[5], severity="permanent", reason="bounce", **{"delivery-status": {
+        "code": 550, "message": "5.1.1 The email account that you tried to reach does not exist"}})
+    assert post(mailgun_body(gone)).status_code == 200
+    assert standing(config, PEOPLE[5]) == ("bounced", True, "failed")
+    listed = mailgun_event("failed", PEOPLE[3], severity="permanent", reason="suppress-bounce", **{"delivery-status": {
+        "code": 605, "message": "Not delivering to previously bounced address"}})
+    assert post(mailgun_body(listed)).status_code == 200  # Mailgun's own bounce list: still the reader's
+    assert standing(config, PEOPLE[3]) == ("bounced", True, "failed")

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import time
 
-from ...outcome import COMPLAINT, HARD_BOUNCE, SOFT_BOUNCE, UNSUBSCRIBE, Event
+from ...outcome import COMPLAINT, HARD_BOUNCE, RCPT, RECIPIENT, SOFT_BOUNCE, UNSUBSCRIBE, Event, smtp_outcome
 from . import Incoming, address, issue_of, malformed, parse_json, text, unauthorized
 
 NAME = "mailgun"
@@ -83,6 +84,19 @@ async def events(incoming: Incoming) -> list[Event]:
         status = data.get("delivery-status") if isinstance(data.get("delivery-status"), dict) else {}
         words = " ".join(str(status[k]) for k in ("code", "message", "description") if status.get(k))
         reason = f"{severity or 'failed'}: {words or data.get('reason', '')}".rstrip(": ")
+        code = status.get("code")
+        if kind == HARD_BOUNCE and isinstance(code, int) and 500 <= code < 600:
+            # The receiving server's own reply: judged as every other door judges one (as at
+            # RCPT); a refusal of the sender, the message or the server is not the reader's.
+            said = " ".join(str(status[k]) for k in ("message", "description") if status.get(k))
+            outcome = smtp_outcome(code, said, RCPT)
+            if not outcome.suppress:
+                if outcome.fault != RECIPIENT:  # nobody's standing changes: the sending needs fixing
+                    logging.getLogger("newsletter.webhooks").warning(
+                        "mailgun webhook: a permanent failure that is not the reader's fault, nobody suppressed "
+                        "(check the sending settings): %s", outcome.reply)
+                    return []
+                kind = SOFT_BOUNCE
     elif event == "complained":
         kind, reason = COMPLAINT, "complained"
     elif event == "unsubscribed":
