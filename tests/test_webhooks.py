@@ -455,3 +455,15 @@ def test_mailgun_a_permanent_failure_that_blames_the_sender_suppresses_nobody(se
         "code": 605, "message": "Not delivering to previously bounced address"}})
     assert post(mailgun_body(listed)).status_code == 200  # Mailgun's own bounce list: still the reader's
     assert standing(config, PEOPLE[3]) == ("bounced", True, "failed")
+
+
+def test_ses_a_permanent_bounce_that_blames_the_sender_suppresses_nobody(service, sns):
+    config = service.config
+    event = json.loads(ses_bounce(PEOPLE[4]))
+    event["bounce"]["bouncedRecipients"][0].update(
+        status="5.7.1", diagnosticCode="smtp; 554 5.7.1 <brief@watchman.example>: Relay access denied")
+    message = sns_message(sns, "Notification", Message=json.dumps(event))
+    answer = service.client.post("/webhooks/ses", content=json.dumps(message).encode(),
+                                 headers={"Content-Type": "text/plain; charset=UTF-8"})
+    assert answer.status_code == 200
+    assert standing(config, PEOPLE[4]) == ("subscribed", False, "sent")
