@@ -467,3 +467,12 @@ def test_ses_a_permanent_bounce_that_blames_the_sender_suppresses_nobody(service
                                  headers={"Content-Type": "text/plain; charset=UTF-8"})
     assert answer.status_code == 200
     assert standing(config, PEOPLE[4]) == ("subscribed", False, "sent")
+
+
+def test_sendgrid_a_bounce_that_blames_the_sender_suppresses_nobody(service, sendgrid_key):
+    events = [sendgrid_event("bounce", PEOPLE[4], type="bounce", status="5.7.1",
+                             reason="554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using "
+                                    "zen.spamhaus.org")]
+    answer = sendgrid_post(service, sendgrid_key, events)
+    assert answer.status_code == 200
+    assert standing(service.config, PEOPLE[4]) == ("subscribed", False, "sent")
