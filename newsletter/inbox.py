@@ -374,7 +374,12 @@ def _run(imap: imaplib.IMAP4, reader: _Reader, settings, summary: InboxSummary) 
         raw = next((item[1] for item in data if isinstance(item, tuple)), None)
         if raw is None:
             continue  # expunged by someone else meanwhile
-        verdict = classify(raw, reader)
+        try:
+            verdict = classify(raw, reader)
+        except Exception as exc:  # noqa: BLE001 - anyone can mail this folder: one unreadable mail
+            # (a header the stdlib's parser trips over) must not stop every run for good
+            verdict = Verdict("unknown", why=f"UID {uid.decode('ascii', 'replace')}: a mail that could not be "
+                                             f"read ({type(exc).__name__})")
         if verdict.kind == "unknown":
             summary.unknown.append(verdict.why)
             continue

@@ -118,7 +118,8 @@ def smtp_outcome(code: int, text: str, stage: str = RCPT) -> Outcome:
         return Outcome(DEFERRED, reply, fault, code=key)
     if fault == RECIPIENT and detail in _RECIPIENT_PASSING:
         return Outcome(FAILED, reply, RECIPIENT, code=key)
-    return Outcome(FAILED, reply, fault, suppress=fault == RECIPIENT, code=key)
+    # suppressed only for an answer at RCPT (DESIGN): after DATA it fails, and is never suppressed
+    return Outcome(FAILED, reply, fault, suppress=fault == RECIPIENT and stage == RCPT, code=key)
 
 
 def _fault(code: int, detail: str, text: str, stage: str, temporary: bool) -> str:
@@ -131,6 +132,11 @@ def _fault(code: int, detail: str, text: str, stage: str, temporary: bool) -> st
     if stage in (GREETING, EHLO, AUTH, MAIL):
         return SENDER  # 554 at the greeting, a refused HELO name, login or sender: it is us
     if stage == DATA:
+        # One recipient a transaction: a reply that names the mailbox (5.1.x addressing, 5.2.2
+        # full, a server that checks them only once the content is in) is this reader's; as
+        # the message's fault the run would stop at them, first in line, on every run.
+        if detail in _NO_SUCH_MAILBOX or detail in _RECIPIENT_PASSING:
+            return RECIPIENT
         return MESSAGE  # the content (5.6.x, 5.7.x, 5.3.4, 552): the same for every reader
     # RCPT
     if detail in _NO_SUCH_MAILBOX or detail in _RECIPIENT_PASSING:

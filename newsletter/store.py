@@ -132,6 +132,12 @@ class Store:
         if version == SCHEMA_VERSION:
             return
         with self.transaction():
+            # Again, now that no one else can write: another process (serve and send, opened
+            # together) may have upgraded it meanwhile, and the version-0 migration must not
+            # run over an upgraded ledger.
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version == SCHEMA_VERSION:
+                return
             old = version == 0 and self.db.execute(
                 "SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone()
             if old:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,8 +147,16 @@ class RogueServer:
             elif verb == "HELO":
                 self._reply(conn, session, "HELO", b"250 rogue.test\r\n")
             elif verb == "STARTTLS" and self.context and not session.tls:
-                # the injection in the same write as the 220, as an attacker's packet would be
-                conn.sendall(b"220 2.0.0 Ready to start TLS\r\n" + (self.hook(session.number, "STARTTLS") or b""))
+                # the injection in the same write as the 220, as an attacker's packet would be;
+                # ("later", seconds, bytes): in a packet of its own, that much later
+                injection = self.hook(session.number, "STARTTLS") or b""
+                if isinstance(injection, tuple):
+                    _, delay, late = injection
+                    conn.sendall(b"220 2.0.0 Ready to start TLS\r\n")
+                    time.sleep(delay)
+                    conn.sendall(late)
+                else:
+                    conn.sendall(b"220 2.0.0 Ready to start TLS\r\n" + injection)
                 conn = self.context.wrap_socket(conn, server_side=True)
                 session.tls = True
                 buffer = bytearray()  # what a careful server does: nothing from before the handshake

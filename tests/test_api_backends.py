@@ -1318,3 +1318,69 @@ def test_ses_against_moto_an_unverified_sender_stops_the_run_then_a_verified_one
     assert fixed.counts["sent"] == 6 and not fixed.refused
     for state, reply, _ in ledger(config).values():
         assert state == "sent" and reply.startswith("200 MessageId ")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_bounce_address_is_never_the_from_address(tmp_path, provider):
+    # [send] bounce_address is the envelope sender for SMTP (VERP, with {token}); through an
+    # API the reader must still see [sender] address in From, never the bounce mailbox.
+    with ApiServer() as server:
+        env = {**api_env(tmp_path, server, provider), "NEWSLETTER_SEND_BOUNCE_ADDRESS": "bounces+{token}@watchman.example"}
+        config = config_for(env)
+        subscribe(config, addresses(2))
+        assert send_issue(EXAMPLE, config).this_run["sent"] == 2, ledger(config)
+        for request in server.requests:  # no API takes our envelope sender: its {token} is never filled in
+            body = request.body.decode("utf-8", "replace")
+            assert "bounces+" not in body and "bounces%2B" not in body, body[:300]
+            assert provider == "ses" or config.sender.address in body  # SES: in the base64 of the raw message
+
+
+class _GarbledGzip:
+    """An HTTP server on loopback that reads each request whole and answers 202 with a body
+    that says it is gzip and is not (a broken proxy, a provider's bad day)."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.requests = 0
+        import threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, body = data.split(b"\r\n\r\n", 1)
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+                while len(body) < length:
+                    body += conn.recv(65536)
+                self.requests += 1
+                garbage = b"this is not gzip at all"
+                conn.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(garbage), garbage))
+
+    def close(self):
+        self.listener.close()
+
+
+def test_an_answer_that_cannot_be_decoded_is_uncertain_not_a_crash(tmp_path):
+    # The request went out and the provider answered, but the answer cannot be read: the
+    # messages may have been delivered (uncertain, never resent by itself), and the user gets
+    # a sentence, not a traceback.
+    server = _GarbledGzip()
+    try:
+        config = config_for(api_env(tmp_path, server, "sendgrid", send={"breaker": 0}))
+        subscribe(config, addresses(3))
+        summary = send_issue(EXAMPLE, config)
+        assert server.requests == 1  # never sent again
+        assert summary.counts["uncertain"] == 3 and summary.counts["sending"] == 0
+    finally:
+        server.close()

@@ -378,3 +378,20 @@ def test_filing_without_move(dovecot, capabilities):
         _file(imap, uids[:2], "filed-here", capabilities)
     assert [b"file2" in m for m in dovecot.messages()] == [True]
     assert sorted(m.split(b"Message-ID: <")[1][:5] for m in dovecot.messages("filed-here")) == [b"file0", b"file1"]
+
+
+def test_a_mail_the_parser_cannot_read_stays_and_the_rest_is_handled(world):
+    # Anyone can mail the bounce address: a header that makes the stdlib's parser raise
+    # (here an unclosed domain literal in From) must not stop every run of `inbox` for good.
+    world.dovecot.append(b"From: a@[\r\nTo: " + MAILBOX.encode() + b"\r\nSubject: hello\r\n"
+                         b"Message-ID: <broken1@example.net>\r\n\r\nhello\r\n")
+    world.dovecot.append(dsn("hard9", recipient=READERS[0],
+                             diagnostic=f"550 5.1.1 <{READERS[0]}>: Recipient address rejected: User unknown",
+                             returned=world.headers_of(READERS[0])))
+    result = world.run()
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "1 hard bounce(s)" in result.stdout and "1 left in INBOX" in result.stdout
+    assert world.row(READERS[0]) == ("bounced", "failed", True)
+    [left] = world.dovecot.messages()
+    assert b"broken1" in left

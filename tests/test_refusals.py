@@ -237,3 +237,41 @@ def test_two_issue_files_of_the_same_name_never_share_a_ledger(tmp_path):
     subscribe(config, ["late@example.com"])
     summary = send_issue(moved, config)
     assert summary.this_run["sent"] == 1 and summary.counts["sent"] == 4
+
+
+def test_two_processes_opening_an_old_store_at_once_upgrade_it_once(tmp_path, monkeypatch):
+    """`serve` and `send` may open a version-0 store together: the one that waits for the
+    other's upgrade must not run the version-0 migration again over the upgraded ledger."""
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE deliveries (id INTEGER PRIMARY KEY, issue TEXT NOT NULL, email TEXT NOT NULL COLLATE NOCASE,
+            name TEXT, fields TEXT, rkey TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER
+            NOT NULL DEFAULT 0, reply TEXT, next_try REAL NOT NULL DEFAULT 0, updated_at TEXT NOT NULL,
+            UNIQUE (issue, email));
+        CREATE TABLE sends (issue TEXT PRIMARY KEY, digest TEXT NOT NULL, started_at TEXT NOT NULL);
+    """)
+    db.close()
+    real_connect = sqlite3.connect
+    raced = []
+
+    class Late(sqlite3.Connection):
+        """Reads the schema's version, and only then lets the other process upgrade and write."""
+
+        def execute(self, sql, *args):
+            if sql == "PRAGMA user_version" and not raced:
+                raced.append(super().execute(sql).fetchone()[0])
+                monkeypatch.setattr(sqlite3, "connect", real_connect)
+                with Store(path) as other:  # the other process: upgrades, then a proof is pending
+                    other.db.execute("INSERT INTO deliveries (issue, destination, email, rkey, state, fault, via,"
+                                     " updated_at) VALUES ('a', 'outbox', 'x@example.com', 'k', 'pending', 'server',"
+                                     " 'outbox', 't')")
+                return super().execute("SELECT ?", (raced[0],))
+            return super().execute(sql, *args)
+
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: real_connect(*a, factory=Late, **k))
+    with Store(path) as store:
+        assert raced == [0]
+        assert store.counts("a", "outbox")["pending"] == 1 and store.counts("a")["pending"] == 0
+        assert store.db.execute("SELECT fault, via FROM deliveries").fetchall() == [("server", "outbox")]
+        assert store.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries_by_send'").fetchone()

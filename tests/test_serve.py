@@ -481,3 +481,13 @@ def test_a_transaction_inside_another_joins_it(tmp_path):
             store.record_event(Event(UNSUBSCRIBE, "b@example.com", "one-click"))
         assert not store.db.in_transaction
     assert status_of(config, "a@example.com")[0] == status_of(config, "b@example.com")[0] == "unsubscribed"
+
+
+def test_a_token_that_is_only_part_of_a_path_segment_is_not_logged():
+    # unsubscribe_url = https://example.com/u/{token}.html: the route's parameter is the token,
+    # its segment is "TOKEN.html"
+    from newsletter.web.plumbing import loggable_path
+
+    token = "ATn2Npylz6kG6lBXMZX_l2HuML-q-uN9XBd9J4bMIetVlVibrQ"
+    scope = {"path": f"/u/{token}.html", "path_params": {"token": token}, "endpoint": object()}
+    assert token not in loggable_path(scope) and loggable_path(scope).startswith("/u/")

@@ -544,3 +544,10 @@ def test_inactive_recipient_at_postmark_is_suppressed(tmp_path):
         assert service.signup.done == {"failed": 1}
     with Store(service.config.store.path) as store:
         assert store.suppressed("bounced.before@example.com")  # the same policy as any send's 406
+
+
+def test_a_deeply_nested_json_body_is_a_bad_request_not_a_server_error(service):
+    # 16 KB of "[" is within the body limit, and json.loads raises RecursionError on it
+    answer = service.http.post("/subscribe", content=b"[" * 10_000, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400
+    assert answer.json()["ok"] is False

@@ -272,3 +272,48 @@ def test_a_message_that_needs_dot_stuffing_arrives_whole(tmp_path, cert, example
     received = {r.recipient: r.data for r in handler.received}
     assert received["r0@example.com"] == message.data
     assert received["r1@example.com"] == Foreign.data + b"\r\n"  # the server ends the last line
+
+
+def test_bytes_that_arrive_while_the_handshake_waits_its_turn_are_refused_too(tmp_path, cert, monkeypatch):
+    # The check before start_tls sees only what had arrived by then. On a busy event loop
+    # (other connections, messages being built) start_tls runs a while later, and an
+    # injection in a packet of its own lands in the reader meanwhile: it must not pass for
+    # the server's EHLO answer inside TLS either.
+    injected = b"250-evil\r\n250 AUTH PLAIN\r\n"
+    start_tls = asyncio.StreamWriter.start_tls
+
+    async def busy_loop_then_start_tls(self, *args, **kwargs):
+        await asyncio.sleep(0.5)
+        return await start_tls(self, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "start_tls", busy_loop_then_start_tls)
+    with RogueServer(tls=cert, auth=(USER, PASSWORD),
+                     hook=lambda n, verb: ("later", 0.1, injected) if verb == "STARTTLS" else None) as server:
+        config = config_for(settings_env(tmp_path, server.port, cert))
+        subscribe(config, addresses(2))
+        with pytest.raises(SendError, match="possible tampering; refusing"):
+            send_issue(EXAMPLE, config)
+        assert ledger(config)["pending"] == 2
+        assert server.delivered() == {}
+
+
+def test_a_full_mailbox_refused_at_data_fails_that_reader_and_the_run_goes_on(tmp_path, cert):
+    # Some servers check the quota only once the content is in: "552 5.2.2" at the end of
+    # DATA names this reader's mailbox, not the message. Taken as the message's fault, the run
+    # stopped there, and every later run stopped at the same reader, first in line again.
+    refusals = []
+
+    def hook(n, verb):
+        if verb == "DATA" and not refusals:
+            refusals.append(n)
+            return b"552 5.2.2 <r0@example.com>: mailbox full\r\n"
+        return None
+
+    with RogueServer(tls=cert, auth=(USER, PASSWORD), hook=hook) as server:
+        config = config_for(settings_env(tmp_path, server.port, cert, smtp_connections=1))
+        subscribe(config, addresses(3))
+        summary = send_issue(EXAMPLE, config)
+        assert summary.refused is None, summary.refused
+        assert summary.counts["sent"] == 2 and summary.counts["failed"] == 1 and summary.counts["pending"] == 0
+        with Store(config.store.path) as store:
+            assert not any(store.suppressed(a) for a in addresses(3))  # failed, never suppressed from DATA

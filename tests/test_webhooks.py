@@ -391,3 +391,88 @@ def test_a_batch_bigger_than_the_services_body_limit_is_taken_at_the_webhook_onl
     assert standing(service.config, PEOPLE[0])[:2] == ("complained", True)
     elsewhere = service.client.post("/health", content=body)  # any other path: the small limit
     assert elsewhere.status_code == 413
+
+
+def test_mailgun_token_cache_cannot_be_dodged_by_moving_the_split(service):
+    # Mailgun signs timestamp + token, concatenated, and not the body: the token cache is what
+    # stops a captured signature from carrying other events. Moving the split between the two
+    # ("...e0" + rest) keeps the HMAC and the time (a float "1700000000e0") but makes a new token.
+    config = service.config
+    post = lambda body: service.client.post("/webhooks/mailgun", json=body)  # noqa: E731
+    token = "e0" + uuid.uuid4().hex + uuid.uuid4().hex[:16]
+    captured = mailgun_body(mailgun_event("delivered", PEOPLE[0]), token=token)
+    assert post(captured).status_code == 200
+    signed = captured["signature"]
+    forged = {"signature": {"timestamp": signed["timestamp"] + "e0", "token": signed["token"][2:],
+                            "signature": signed["signature"]},
+              "event-data": mailgun_event("complained", PEOPLE[5])}
+    assert post(forged).status_code == 401
+    assert standing(config, PEOPLE[5]) == ("subscribed", False, "sent")
+
+
+def test_mailgun_a_signature_that_is_not_ascii_is_refused_not_a_server_error(service):
+    body = mailgun_body(mailgun_event("complained", PEOPLE[5]))
+    body["signature"]["signature"] = "\u00e9" * 64
+    answer = service.client.post("/webhooks/mailgun", json=body)
+    assert answer.status_code == 401  # a forgery: Mailgun's retries of a 500 would go on for hours
+    assert standing(service.config, PEOPLE[5]) == ("subscribed", False, "sent")
+
+
+def test_a_deeply_nested_body_is_malformed_not_a_server_error(service):
+    # Mailgun's signature is inside the body, so this is read before anything is checked
+    answer = service.client.post("/webhooks/mailgun", content=b"[" * 10_000,
+                                 headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400
+
+
+def test_a_chunked_body_over_the_webhook_limit_is_413_not_a_server_error(tmp_path):
+    # No Content-Length (chunked): the service's own limit notices while reading, inside the
+    # webhook's handler, which must answer 413 like the handler's own check, not 500.
+    config = make_config(tmp_path, mailgun_signing_key=MAILGUN_KEY, max_body=2048)
+
+    def chunks():
+        for _ in range(8):
+            yield b"x" * 1024
+
+    with Service(config) as running, httpx.Client(base_url=running.url, timeout=20) as client:
+        answer = client.post("/webhooks/mailgun", content=chunks(), headers={"Content-Type": "application/json"})
+    assert answer.status_code == 413
+
+
+def test_mailgun_a_permanent_failure_that_blames_the_sender_suppresses_nobody(service):
+    # The same rule as every other door (DESIGN, outcome.py): only "this mailbox does not
+    # exist" suppresses; a refusal of our sending (a block list, relay denied) is not the reader's.
+    config, post = service.config, lambda body: service.client.post("/webhooks/mailgun", json=body)
+    blocked = mailgun_event("failed", PEOPLE[4], severity="permanent", reason="bounce", **{"delivery-status": {
+        "code": 554, "message": "5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org"}})
+    assert post(mailgun_body(blocked)).status_code == 200
+    assert standing(config, PEOPLE[4]) == ("subscribed", False, "sent")
+    gone = mailgun_event("failed", PEOPLE[5], severity="permanent", reason="bounce", **{"delivery-status": {
+        "code": 550, "message": "5.1.1 The email account that you tried to reach does not exist"}})
+    assert post(mailgun_body(gone)).status_code == 200
+    assert standing(config, PEOPLE[5]) == ("bounced", True, "failed")
+    listed = mailgun_event("failed", PEOPLE[3], severity="permanent", reason="suppress-bounce", **{"delivery-status": {
+        "code": 605, "message": "Not delivering to previously bounced address"}})
+    assert post(mailgun_body(listed)).status_code == 200  # Mailgun's own bounce list: still the reader's
+    assert standing(config, PEOPLE[3]) == ("bounced", True, "failed")
+
+
+def test_ses_a_permanent_bounce_that_blames_the_sender_suppresses_nobody(service, sns):
+    config = service.config
+    event = json.loads(ses_bounce(PEOPLE[4]))
+    event["bounce"]["bouncedRecipients"][0].update(
+        status="5.7.1", diagnosticCode="smtp; 554 5.7.1 <brief@watchman.example>: Relay access denied")
+    message = sns_message(sns, "Notification", Message=json.dumps(event))
+    answer = service.client.post("/webhooks/ses", content=json.dumps(message).encode(),
+                                 headers={"Content-Type": "text/plain; charset=UTF-8"})
+    assert answer.status_code == 200
+    assert standing(config, PEOPLE[4]) == ("subscribed", False, "sent")
+
+
+def test_sendgrid_a_bounce_that_blames_the_sender_suppresses_nobody(service, sendgrid_key):
+    events = [sendgrid_event("bounce", PEOPLE[4], type="bounce", status="5.7.1",
+                             reason="554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using "
+                                    "zen.spamhaus.org")]
+    answer = sendgrid_post(service, sendgrid_key, events)
+    assert answer.status_code == 200
+    assert standing(service.config, PEOPLE[4]) == ("subscribed", False, "sent")

@@ -370,8 +370,10 @@ class HttpWorker(Worker):
                 continue
             except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:  # our settings or our request
                 raise SendError(f"{backend.name}: cannot send to {backend.base_url()}: {exc}") from exc
-            except httpx.TransportError as exc:  # the request went out; its answer was lost
-                what = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection lost"
+            except (httpx.TransportError, httpx.DecodingError) as exc:  # the request went out; its answer was lost
+                # (or came back unreadable: a body that says gzip and is not)
+                what = "timeout" if isinstance(exc, httpx.TimeoutException) else \
+                    "unreadable answer" if isinstance(exc, httpx.DecodingError) else "connection lost"
                 outcome = backend.lost_answer(f"{backend.title}: {_describe(exc, settings.timeout)} after the "
                                               "request went out", f"{backend.title} {what}")
                 if outcome.state == DEFERRED:
@@ -404,7 +406,7 @@ class SingleWorker(HttpWorker):
         return self.backend.single_results(response, messages)
 
 
-def _describe(exc: httpx.TransportError, timeout: float) -> str:
+def _describe(exc: httpx.TransportError | httpx.DecodingError, timeout: float) -> str:
     if isinstance(exc, httpx.TimeoutException):
         return f"no answer within {timeout:g} s ({type(exc).__name__})"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

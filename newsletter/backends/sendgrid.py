@@ -75,7 +75,8 @@ class Backend(HttpBackend):
                 text = text.replace(merge_placeholder, text_tag)
                 html_body = html_body.replace(merge_placeholder, html_tag)
             body = {
-                "from": {"email": factory.envelope_sender, "name": factory.sender_name},
+                # never the bounce address: SendGrid takes no envelope sender, and VERP's {token} is not filled in
+                "from": {"email": factory.from_email, "name": factory.sender_name},
                 # with merge fields, each personalization has its own; this one is never seen
                 "subject": factory.fallback_subject,
                 "content": [

@@ -230,6 +230,12 @@ class SmtpConnection:
                 raise SendError(f"{where}: the server's certificate is not trusted: {exc.verify_message}") from exc
             except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
                 raise SendError(f"{where}: TLS failed: {exc or 'timed out'}") from exc
+            # And again: bytes that arrived in the clear while start_tls waited its turn in
+            # the event loop are in the reader too (the server says nothing of its own
+            # inside TLS before our EHLO).
+            if getattr(self.reader, "_buffer", b""):
+                raise SendError(f"{where}: the server sent data before the TLS handshake: possible tampering; "
+                                "refusing")
             await self._hello(helo, where, fallback=False)
         if settings.username:
             await self._login(settings, where)

@@ -54,7 +54,8 @@ def loggable_path(scope) -> str:
         return "/".join(s if i < 2 and _PLAIN.match(s) or not s else REDACTED for i, s in enumerate(segments))
     hidden = {str(v) for k, v in params.items()
               if any(n in k.lower() for n in _SECRET_NAMES) or not _PLAIN.match(str(v))}
-    return "/".join(REDACTED if s in hidden else s for s in segments)
+    # a whole segment, or one that only holds it ("/u/{token}.html"): the segment goes
+    return "/".join(REDACTED if s in hidden or any(h and h in s for h in hidden) else s for s in segments)
 
 
 class Plumbing:

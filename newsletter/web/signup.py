@@ -508,7 +508,7 @@ async def _read_fields(request: Request) -> dict[str, str] | str:
         if kind == "application/x-www-form-urlencoded":
             fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=20)
             return {k: v[0] for k, v in fields.items()}
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested thousands deep
         return "the request body could not be read"
     return "send the form as application/x-www-form-urlencoded or as JSON"
 

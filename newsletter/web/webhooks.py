@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
@@ -67,6 +68,8 @@ def _endpoint(provider):
             return JSONResponse({"error": exc.message}, status_code=exc.status)
         except ClientDisconnect:
             return JSONResponse({"error": "the request was cut short"}, status_code=400)
+        except HTTPException as exc:  # the service's own body limit, noticed while reading (plumbing)
+            return JSONResponse({"error": str(exc.detail).strip()}, status_code=exc.status_code)
         except Exception:
             if incoming is not None and incoming.token:
                 mailgun.forget(incoming, incoming.token)  # its retry must not look like a replay

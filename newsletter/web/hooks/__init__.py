@@ -46,7 +46,7 @@ class Incoming:
 def parse_json(body: bytes, kind: type) -> Any:
     try:
         value = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested thousands deep
         raise malformed("the body is not JSON") from None
     if not isinstance(value, kind):
         raise malformed(f"expected a JSON {'array' if kind is list else 'object'}")

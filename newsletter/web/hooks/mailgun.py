@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import re
 import time
 
-from ...outcome import COMPLAINT, HARD_BOUNCE, SOFT_BOUNCE, UNSUBSCRIBE, Event
+from ...outcome import COMPLAINT, HARD_BOUNCE, RCPT, RECIPIENT, SOFT_BOUNCE, UNSUBSCRIBE, Event, smtp_outcome
 from . import Incoming, address, issue_of, malformed, parse_json, text, unauthorized
 
 NAME = "mailgun"
@@ -37,9 +39,14 @@ def verify(incoming: Incoming, body: dict) -> str:
     timestamp, token, signature = (str(signed.get(k, "")) for k in ("timestamp", "token", "signature"))
     if not (timestamp and token and signature):
         raise unauthorized("the signature object lacks timestamp, token or signature")
+    # Unix seconds, digits only: the HMAC covers timestamp + token run together, so a
+    # timestamp that may end in "e0" (or "_0", ".0") would let a captured signature be split
+    # another way, as a new token that the replay cache has never seen.
+    if not re.fullmatch(r"[0-9]{1,12}", timestamp):
+        raise unauthorized("the timestamp is not a number of seconds")
     expected = hmac.new(incoming.settings.mailgun_signing_key.encode(), (timestamp + token).encode(),
                         hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, signature.lower()):
+    if not hmac.compare_digest(expected.encode(), signature.lower().encode("utf-8", "replace")):
         raise unauthorized("the signature does not match")
     try:
         age = time.time() - float(timestamp)
@@ -77,6 +84,19 @@ async def events(incoming: Incoming) -> list[Event]:
         status = data.get("delivery-status") if isinstance(data.get("delivery-status"), dict) else {}
         words = " ".join(str(status[k]) for k in ("code", "message", "description") if status.get(k))
         reason = f"{severity or 'failed'}: {words or data.get('reason', '')}".rstrip(": ")
+        code = status.get("code")
+        if kind == HARD_BOUNCE and isinstance(code, int) and 500 <= code < 600:
+            # The receiving server's own reply: judged as every other door judges one (as at
+            # RCPT); a refusal of the sender, the message or the server is not the reader's.
+            said = " ".join(str(status[k]) for k in ("message", "description") if status.get(k))
+            outcome = smtp_outcome(code, said, RCPT)
+            if not outcome.suppress:
+                if outcome.fault != RECIPIENT:  # nobody's standing changes: the sending needs fixing
+                    logging.getLogger("newsletter.webhooks").warning(
+                        "mailgun webhook: a permanent failure that is not the reader's fault, nobody suppressed "
+                        "(check the sending settings): %s", outcome.reply)
+                    return []
+                kind = SOFT_BOUNCE
     elif event == "complained":
         kind, reason = COMPLAINT, "complained"
     elif event == "unsubscribed":

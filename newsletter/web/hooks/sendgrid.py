@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,6 +28,7 @@ from ...outcome import COMPLAINT, HARD_BOUNCE, SOFT_BOUNCE, UNSUBSCRIBE, Event
 from . import Incoming, address, issue_of, malformed, parse_json, unauthorized
 
 NAME = "sendgrid"
+log = logging.getLogger("newsletter.webhooks")
 SOURCE = "sendgrid webhook"
 SIGNATURE = "X-Twilio-Email-Event-Webhook-Signature"
 TIMESTAMP = "X-Twilio-Email-Event-Webhook-Timestamp"
@@ -72,6 +74,14 @@ async def events(incoming: Incoming) -> list[Event]:
         if not isinstance(item, dict):
             raise malformed("each event must be a JSON object")
         kind, reason = _kind(item)
+        if kind == HARD_BOUNCE and item.get("event") == "bounce" and item.get("reason"):
+            # the receiving server's reply, judged as every other door judges one: a refusal of
+            # the sender or the server (a block list, relay denied) is not the reader's
+            from ...inbox import _status_verdict
+            kind = _status_verdict(str(item.get("status") or ""), str(item["reason"]))
+            if kind is None:
+                log.warning("sendgrid webhook: a bounce that is not the reader's fault, nobody suppressed "
+                            "(check the sending settings): %s", reason)
         if kind is None:
             continue
         event_id = item.get("sg_event_id")

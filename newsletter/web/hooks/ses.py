@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import re
 import ssl
 from urllib.parse import urlsplit
@@ -38,6 +39,7 @@ from ...outcome import COMPLAINT, HARD_BOUNCE, SOFT_BOUNCE, Event
 from . import Incoming, Rejected, address, header_value, issue_of, malformed, parse_json, unauthorized
 
 NAME = "ses"
+log = logging.getLogger("newsletter.webhooks")
 SOURCE = "ses webhook"
 
 _SIGNED = {
@@ -142,7 +144,7 @@ async def events(incoming: Incoming) -> list[Event]:
         return []
     try:
         ses = json.loads(message["Message"])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise malformed("the Message is not an SES event (JSON)") from None
     if not isinstance(ses, dict):
         raise malformed("the Message is not an SES event (JSON object)")
@@ -162,7 +164,17 @@ async def events(incoming: Incoming) -> list[Event]:
             email = address(r.get("emailAddress"), "bouncedRecipients.emailAddress")
             reason = " ".join(str(x) for x in (bounce.get("bounceType"), bounce.get("bounceSubType"),
                                                r.get("diagnosticCode") or r.get("status")) if x)
-            found.append(Event(kind, email, SOURCE, reason, f"{name}:{email.lower()}", issue))
+            this = kind
+            if kind == HARD_BOUNCE and bounce.get("bounceSubType") == "General" and r.get("diagnosticCode"):
+                # the receiving server's reply, judged as the bounce mailbox judges a DSN: a refusal
+                # of the sender or the server (relay denied, a block list) is not the reader's
+                from ...inbox import _status_verdict
+                this = _status_verdict(str(r.get("status") or ""), str(r.get("diagnosticCode")))
+                if this is None:
+                    log.warning("ses webhook: a permanent bounce that is not the reader's fault, nobody "
+                                "suppressed (check the sending settings): %s", reason)
+                    continue
+            found.append(Event(this, email, SOURCE, reason, f"{name}:{email.lower()}", issue))
         return found
     if kind_name == "Complaint":
         complaint = ses.get("complaint")
