@@ -60,6 +60,7 @@ class Outcome:
     suppress: bool = False  # this address does not exist: never send to it again
     retry_after: float | None = None  # deferred: not before this many seconds (a provider's word)
     code: str = ""  # what the refusal was ("550 5.1.1", "Postmark 406"): the breaker compares these
+    may_have_gone: bool = False  # deferred only because an idempotency key makes asking again safe
 
     @property
     def stops_run(self) -> bool:
@@ -167,6 +168,9 @@ def decide(outcome: Outcome, attempts: int, max_attempts: int, retry_delay: floa
         return Decision(PENDING, outcome.reply, stop=advice(outcome))
     if outcome.state == DEFERRED:
         if attempts >= max_attempts:
+            if outcome.may_have_gone:  # an idempotency key lasts a day at most: never retried blindly later
+                return Decision(UNCERTAIN, f"gave up after {attempts} attempts; it may have been delivered; "
+                                           f"last reply: {outcome.reply}")
             return Decision(FAILED, f"gave up after {attempts} attempts; last reply: {outcome.reply}")
         delay = max(retry_delay * (2 ** (attempts - 1)) * jitter, outcome.retry_after or 0.0)
         return Decision(DEFERRED, outcome.reply, next_try=now + delay)

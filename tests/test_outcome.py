@@ -88,3 +88,33 @@ def test_the_breaker_trips_on_the_same_refusal_in_a_row_only():
     whole = uncertain("API response 503")
     assert Breaker(2).observe([whole] * 1000) is None
     assert Breaker(0).observe([refused() for _ in range(50)]) is None  # 0: off
+
+
+def test_giving_up_on_what_may_have_gone_out_leaves_it_uncertain_not_failed():
+    """A Resend timeout is retried under its idempotency key, but the key lasts a day: once
+    the attempts run out, --retry-failed must not resend it blindly later."""
+    lost = Outcome(DEFERRED, "Resend: no answer within 30 s", SERVER, code="Resend timeout", may_have_gone=True)
+    assert decide(lost, 2, 3, 60, 1000.0).state == DEFERRED
+    last = decide(lost, 3, 3, 60, 1000.0)
+    assert last.state == UNCERTAIN and "may have been delivered" in last.reply
+
+
+def test_a_retry_after_that_never_ends_is_not_taken():
+    import httpx
+
+    from newsletter.backends.http import HttpBackend
+
+    for value, expected in [("120", 120.0), ("inf", None), ("nan", None), ("-5", 0.0), ("soon", None)]:
+        response = httpx.Response(429, headers={"retry-after": value})
+        assert HttpBackend.retry_after(None, response) == expected, value
+
+
+def test_a_provider_naming_an_address_names_that_address_only():
+    from types import SimpleNamespace
+
+    from newsletter.backends.http import HttpBackend
+
+    batch = [SimpleNamespace(recipient="s@x.com"), SimpleNamespace(recipient="news@x.com")]
+    assert HttpBackend.named_recipient("invalid address: news@x.com", batch) == 1
+    assert HttpBackend.named_recipient("<S@X.com> does not exist", batch) == 0
+    assert HttpBackend.named_recipient("invalid address: ss@x.com", batch) is None

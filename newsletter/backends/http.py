@@ -42,7 +42,9 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -233,14 +235,15 @@ class HttpBackend(Backend):
     def lost_answer(self, reply: str, code: str) -> Outcome:
         """The request went out and no clear answer came back: it may have been delivered."""
         if self.idempotent:
-            return Outcome(DEFERRED, reply, SERVER, code=code)  # asking again with the same key is harmless
+            return Outcome(DEFERRED, reply, SERVER, code=code, may_have_gone=True)  # the same key: harmless
         return uncertain(f"{reply}; it may have been delivered", code)
 
     @staticmethod
     def named_recipient(text: str, messages: list[Message]) -> int | None:
         """The index of the one message whose address the provider's words name, if exactly one."""
-        lowered = text.lower()
-        found = [i for i, m in enumerate(messages) if m.recipient.lower() in lowered]
+        # the whole address, not a part of another ("s@x.com" inside "news@x.com")
+        found = [i for i, m in enumerate(messages)
+                 if re.search(rf"(?<![\w.+%-]){re.escape(m.recipient)}(?![\w.-])", text, re.I)]
         return found[0] if len(found) == 1 else None
 
     def sign(self, request: httpx.Request) -> httpx.Request:
@@ -303,9 +306,11 @@ class HttpBackend(Backend):
         if value is None:
             return None
         try:
-            return max(0.0, float(value))
+            seconds = float(value)
         except ValueError:
             pass
+        else:  # "inf" or "nan" would leave the batch waiting for ever
+            return max(0.0, seconds) if math.isfinite(seconds) else None
         try:  # or an HTTP date
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError):
@@ -391,7 +396,7 @@ class HttpWorker(Worker):
                 break
         tries = f"{attempt + 1} attempt{'s' * (attempt > 0)}"
         return [Outcome(DEFERRED, f"{outcome.reply} (after {tries})", SERVER, retry_after=outcome.retry_after,
-                        code=outcome.code)] * len(messages)
+                        code=outcome.code, may_have_gone=outcome.may_have_gone)] * len(messages)
 
 
 class SingleWorker(HttpWorker):
