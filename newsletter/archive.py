@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .build import CheckReport, check_paths, name_problems
 from .config import Config
-from .errors import IssueError, OutputError, Problem, TemplateError
+from .errors import IssueError, OutputError, TemplateError
 from .render import Rendered, Renderer
 from .writer import write_if_changed
 

@@ -40,8 +40,7 @@ from email.utils import getaddresses
 
 from .config import Config
 from .errors import ConfigError, NewsletterError
-from .outcome import (COMPLAINT, HARD_BOUNCE, RCPT, RECIPIENT, SOFT_BOUNCE, UNSUBSCRIBE, Event,
-                      enhanced_code, smtp_outcome)
+from .outcome import COMPLAINT, HARD_BOUNCE, SOFT_BOUNCE, UNSUBSCRIBE, Event, bounce_kind
 from .store import Store
 from .tokens import TOKEN_LENGTH, Signer, TokenError
 
@@ -157,26 +156,6 @@ def _address_field(value) -> str | None:
     return address.lower() if "@" in address else None
 
 
-def _status_verdict(status: str, diagnostic: str, delayed: bool = False) -> str | None:
-    """HARD_BOUNCE, SOFT_BOUNCE, or None for a refusal that is not the reader's fault,
-    by the same rule as a send's own SMTP replies (outcome.smtp_outcome at RCPT)."""
-    status = enhanced_code(status.strip()) or ""
-    if delayed or status.startswith("4."):
-        return SOFT_BOUNCE
-    diag = re.match(r"\s*(?:smtp|x-[\w-]+)?\s*;?\s*([245][0-9][0-9])?[ -]*(.*)", diagnostic, re.S | re.I)
-    code, words = (diag.group(1), diag.group(2)) if diag else (None, diagnostic)
-    if not code or code[0] != (status or code)[0]:
-        code = "550" if status.startswith("5.") or not status else "450"
-    words = " ".join(words.split())
-    text = f"{status} {words}" if status and not words.startswith(status) else words
-    outcome = smtp_outcome(int(code), text, RCPT)
-    if outcome.suppress:
-        return HARD_BOUNCE
-    if outcome.fault == RECIPIENT or outcome.state == "deferred":
-        return SOFT_BOUNCE
-    return None
-
-
 def _mail_id(msg: MailMessage, data: bytes) -> str:
     message_id = str(msg.get("Message-ID", "")).strip()
     return message_id or "sha256:" + hashlib.sha256(data).hexdigest()
@@ -238,7 +217,7 @@ def _dsn(msg: MailMessage, mail_id: str, reader: _Reader) -> Verdict:
         status, diagnostic = str(block.get("Status", "")), str(block.get("Diagnostic-Code", ""))
         named = _address_field(block.get("Original-Recipient")) or _address_field(block.get("Final-Recipient"))
         words = " ".join(f"{status.strip()} {diagnostic.strip()}".split())
-        verdicts.append((_status_verdict(status, diagnostic, action == "delayed"), named, words))
+        verdicts.append((bounce_kind(status, diagnostic, action == "delayed"), named, words))
     return _bounce_events(verdicts, mail_id, verp, issue, by_message_id)
 
 
@@ -257,7 +236,7 @@ def _other_bounce(msg: MailMessage, mail_id: str, reader: _Reader) -> Verdict:
     reply = _REPLY.search(text)
     # the server's reply, when the text quotes one; else its words alone (as an old server's 550)
     words = " ".join(f"{reply.group(1)} {reply.group(2)}".split()) if reply else " ".join(text.split())[:300]
-    verdict = _status_verdict(reply.group(2) if reply else "", f"{reply.group(1)} {reply.group(2)}" if reply
+    verdict = bounce_kind(reply.group(2) if reply else "", f"{reply.group(1)} {reply.group(2)}" if reply
                               else f"550 {words}")
     verdicts = [(SOFT_BOUNCE, a.decode("utf-8", "replace").lower(), words) for a in sorted(temporary)]
     verdicts += [(verdict, a.decode("utf-8", "replace").lower(), words) for a in sorted(permanent)]

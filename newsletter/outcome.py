@@ -298,3 +298,24 @@ def event_effect(event: Event) -> EventEffect:
     if event.kind == SOFT_BOUNCE:
         return EventEffect(None, False, None)
     raise ValueError(f"unknown event kind {event.kind!r}")
+
+
+def bounce_kind(status: str, diagnostic: str, delayed: bool = False) -> str | None:
+    """What a bounce reported after the send (a DSN's Status and Diagnostic-Code, a
+    provider's bounce event) means: HARD_BOUNCE, SOFT_BOUNCE, or None for a refusal that is
+    not the reader's fault, by the same rule as a send's own replies (smtp_outcome at RCPT)."""
+    status = enhanced_code(status.strip()) or ""
+    if delayed or status.startswith("4."):
+        return SOFT_BOUNCE
+    diag = re.match(r"\s*(?:smtp|x-[\w-]+)?\s*;?\s*([245][0-9][0-9])?[ -]*(.*)", diagnostic, re.S | re.I)
+    code, words = (diag.group(1), diag.group(2)) if diag else (None, diagnostic)
+    if not code or code[0] != (status or code)[0]:
+        code = "550" if status.startswith("5.") or not status else "450"
+    words = " ".join(words.split())
+    text = f"{status} {words}" if status and not words.startswith(status) else words
+    outcome = smtp_outcome(int(code), text, RCPT)
+    if outcome.suppress:
+        return HARD_BOUNCE
+    if outcome.fault == RECIPIENT or outcome.state == "deferred":
+        return SOFT_BOUNCE
+    return None

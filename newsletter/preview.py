@@ -19,7 +19,6 @@ media queries are pinned: always true in the dark frame, never in the light ones
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import socket
 import sys

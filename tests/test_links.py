@@ -4,7 +4,6 @@ unreachable hosts are loopback addresses with nothing listening."""
 
 import asyncio
 import socket
-import socketserver
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ...outcome import COMPLAINT, HARD_BOUNCE, SOFT_BOUNCE, UNSUBSCRIBE, Event
+from ...outcome import COMPLAINT, HARD_BOUNCE, SOFT_BOUNCE, UNSUBSCRIBE, Event, bounce_kind
 from . import Incoming, address, issue_of, malformed, parse_json, unauthorized
 
 NAME = "sendgrid"
@@ -77,8 +77,7 @@ async def events(incoming: Incoming) -> list[Event]:
         if kind == HARD_BOUNCE and item.get("event") == "bounce" and item.get("reason"):
             # the receiving server's reply, judged as every other door judges one: a refusal of
             # the sender or the server (a block list, relay denied) is not the reader's
-            from ...inbox import _status_verdict
-            kind = _status_verdict(str(item.get("status") or ""), str(item["reason"]))
+            kind = bounce_kind(str(item.get("status") or ""), str(item["reason"]))
             if kind is None:
                 log.warning("sendgrid webhook: a bounce that is not the reader's fault, nobody suppressed "
                             "(check the sending settings): %s", reason)

@@ -35,7 +35,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from ...outcome import COMPLAINT, HARD_BOUNCE, SOFT_BOUNCE, Event
+from ...outcome import COMPLAINT, HARD_BOUNCE, SOFT_BOUNCE, Event, bounce_kind
 from . import Incoming, Rejected, address, header_value, issue_of, malformed, parse_json, unauthorized
 
 NAME = "ses"
@@ -168,8 +168,7 @@ async def events(incoming: Incoming) -> list[Event]:
             if kind == HARD_BOUNCE and bounce.get("bounceSubType") == "General" and r.get("diagnosticCode"):
                 # the receiving server's reply, judged as the bounce mailbox judges a DSN: a refusal
                 # of the sender or the server (relay denied, a block list) is not the reader's
-                from ...inbox import _status_verdict
-                this = _status_verdict(str(r.get("status") or ""), str(r.get("diagnosticCode")))
+                this = bounce_kind(str(r.get("status") or ""), str(r.get("diagnosticCode")))
                 if this is None:
                     log.warning("ses webhook: a permanent bounce that is not the reader's fault, nobody "
                                 "suppressed (check the sending settings): %s", reason)
