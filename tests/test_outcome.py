@@ -118,3 +118,5 @@ def test_a_provider_naming_an_address_names_that_address_only():
     assert HttpBackend.named_recipient("invalid address: news@x.com", batch) == 1
     assert HttpBackend.named_recipient("<S@X.com> does not exist", batch) == 0
     assert HttpBackend.named_recipient("invalid address: ss@x.com", batch) is None
+    assert HttpBackend.named_recipient("Found inactive addresses: news@x.com.\nInactive ...", batch) == 1
+    assert HttpBackend.named_recipient("no such address: news@x.com.au", batch) is None

@@ -71,8 +71,8 @@ def test_preview_follows_edits(server):
     with Browser() as browser:
         browser.open(url)
         wait_until(browser, "document.body.dataset.ok === 'true'", "the rendered issue")
-        for frame in ("desktop", "phone", "dark"):
-            assert LEAD_TITLE in browser.evaluate(FRAME_TEXT.format(frame)), frame
+        for frame in ("desktop", "phone", "dark"):  # each frame loads its document on its own
+            wait_until(browser, FRAME_TEXT.format(frame) + f".includes({LEAD_TITLE!r})", f"the issue in {frame}")
         # the frames are what their captions say: 800 and 375 px wide, the last one in dark mode
         widths = browser.evaluate("['desktop','phone','dark'].map(function (id) {"
                                   " return document.getElementById(id).contentWindow.innerWidth; })")

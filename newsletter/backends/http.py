@@ -243,7 +243,7 @@ class HttpBackend(Backend):
         """The index of the one message whose address the provider's words name, if exactly one."""
         # the whole address, not a part of another ("s@x.com" inside "news@x.com")
         found = [i for i, m in enumerate(messages)
-                 if re.search(rf"(?<![\w.+%-]){re.escape(m.recipient)}(?![\w.-])", text, re.I)]
+                 if re.search(rf"(?<![\w.+%-]){re.escape(m.recipient)}(?![\w-]|\.[\w-])", text, re.I)]
         return found[0] if len(found) == 1 else None
 
     def sign(self, request: httpx.Request) -> httpx.Request:
