@@ -555,8 +555,8 @@ def _token_problem(service: Signup, exc: TokenError) -> Response:
                  "you copied all of it, or sign up again."], status=400)
 
 
-async def confirm_page(request: Request) -> Response:
-    """GET changes nothing: mail scanners and link previews follow every link."""
+def _open_link(request: Request) -> tuple[Signup, str, str | None] | Response:
+    """The service and the link's (address, name), or the page to answer instead."""
     service = _service(request)
     if not service.enabled:
         return _not_enabled(request)
@@ -564,19 +564,25 @@ async def confirm_page(request: Request) -> Response:
         address, name = read_token(service.secret, service.list_id, request.path_params["token"])
     except TokenError as exc:
         return _token_problem(service, exc)
+    return service, address, name
+
+
+async def confirm_page(request: Request) -> Response:
+    """GET changes nothing: mail scanners and link previews follow every link."""
+    opened = _open_link(request)
+    if isinstance(opened, Response):
+        return opened
+    service, address, name = opened
     pub = service.config.publication.name
     return _page(service.config, f"Confirm your subscription to {pub}",
                  [f"Press the button to subscribe {address} to {pub}."], form="confirm", action="")
 
 
 async def confirm(request: Request) -> Response:
-    service = _service(request)
-    if not service.enabled:
-        return _not_enabled(request)
-    try:
-        address, name = read_token(service.secret, service.list_id, request.path_params["token"])
-    except TokenError as exc:
-        return _token_problem(service, exc)
+    opened = _open_link(request)
+    if isinstance(opened, Response):
+        return opened
+    service, address, name = opened
     pub = service.config.publication.name
     if await run_in_threadpool(service.confirm, address, name) == "blocked":
         # Only the holder of the link sees this; the sign-up answer never says it.

@@ -86,15 +86,21 @@ def _client(incoming: Incoming) -> httpx.AsyncClient:
     return incoming.state["client"]
 
 
+async def _fetch(incoming: Incoming, url: str, what: str) -> httpx.Response:
+    """GET an Amazon URL (already checked by _amazon_url); 502 when it does not answer 200."""
+    try:
+        response = await _client(incoming).get(url)
+    except httpx.HTTPError as exc:
+        raise Rejected(502, f"could not fetch {what}: {type(exc).__name__}") from None
+    if response.status_code != 200:
+        raise Rejected(502, f"{what} answered {response.status_code}")
+    return response
+
+
 async def _certificate_key(incoming: Incoming, url: str) -> rsa.RSAPublicKey:
     cache: dict = incoming.state.setdefault("certificates", {})
     if url not in cache:
-        try:
-            response = await _client(incoming).get(url)
-        except httpx.HTTPError as exc:
-            raise Rejected(502, f"could not fetch the signing certificate: {type(exc).__name__}") from None
-        if response.status_code != 200:
-            raise Rejected(502, f"the signing certificate's URL answered {response.status_code}")
+        response = await _fetch(incoming, url, "the signing certificate")
         try:
             key = x509.load_pem_x509_certificate(response.content).public_key()
         except ValueError:
@@ -133,12 +139,7 @@ async def events(incoming: Incoming) -> list[Event]:
     await verify(incoming, message)
     if message["Type"] == "SubscriptionConfirmation":
         url = _amazon_url(incoming, message.get("SubscribeURL"), "SubscribeURL")
-        try:
-            response = await _client(incoming).get(url)
-        except httpx.HTTPError as exc:
-            raise Rejected(502, f"could not visit SubscribeURL: {type(exc).__name__}") from None
-        if response.status_code != 200:
-            raise Rejected(502, f"SubscribeURL answered {response.status_code}")
+        await _fetch(incoming, url, "SubscribeURL")
         return []
     if message["Type"] == "UnsubscribeConfirmation":
         return []
