@@ -378,8 +378,7 @@ def _run(imap: imaplib.IMAP4, reader: _Reader, settings, summary: InboxSummary) 
 def _seen(store: Store, event: Event) -> bool:
     """Applied by an earlier run (record_event's False also means "changed nothing", as a
     soft bounce does): a run that stopped before filing its mail."""
-    return store.db.execute("SELECT 1 FROM events WHERE source = ? AND event_id = ?",
-                            (event.source, event.event_id)).fetchone() is not None
+    return store.has_event(event.source, event.event_id)
 
 
 def _file(imap: imaplib.IMAP4, uids: list[bytes], folder: str, capabilities: set[str]) -> None:

@@ -224,6 +224,16 @@ class Store:
     def suppressed(self, email: str) -> bool:
         return self.db.execute("SELECT 1 FROM suppressions WHERE email = ?", (email,)).fetchone() is not None
 
+    def status(self, email: str) -> str | None:
+        """The subscriber's status, or None for an address with no subscriber row."""
+        row = self.db.execute("SELECT status FROM subscribers WHERE email = ?", (email,)).fetchone()
+        return row[0] if row else None
+
+    def has_event(self, source: str, event_id: str) -> bool:
+        """Whether record_event has applied this event already."""
+        return self.db.execute("SELECT 1 FROM events WHERE source = ? AND event_id = ?",
+                               (source, event_id)).fetchone() is not None
+
     def subscribers(self, status: str | None = None) -> Iterator[tuple]:
         """(email, name, fields, status, changed_at, changed_how), streamed in address order."""
         sql = "SELECT email, name, fields, status, changed_at, changed_how FROM subscribers"

@@ -362,8 +362,7 @@ class Signup:
 
     def _blocked(self, address: str) -> bool:
         with Store(self.config.store.path) as store:
-            row = store.db.execute("SELECT status FROM subscribers WHERE email = ?", (address,)).fetchone()
-            return store.suppressed(address) or bool(row and row[0] in BLOCKED_STATUSES)
+            return store.suppressed(address) or store.status(address) in BLOCKED_STATUSES
 
     async def deliver(self, address: str, name: str | None) -> None:
         """After the answer: whether anything goes out depends on the address, so none of it
@@ -412,8 +411,7 @@ class Signup:
     def confirm(self, address: str, name: str | None) -> str:
         """'subscribed', or 'blocked' for an address that bounced for good or complained."""
         with Store(self.config.store.path) as store, store.transaction():
-            row = store.db.execute("SELECT status FROM subscribers WHERE email = ?", (address,)).fetchone()
-            if store.suppressed(address) or (row and row[0] in BLOCKED_STATUSES):
+            if store.suppressed(address) or store.status(address) in BLOCKED_STATUSES:
                 return "blocked"
             result = store.add(Recipient(address, name), "sign-up confirmed", resubscribe=True)
         return "blocked" if result == "suppressed" else "subscribed"

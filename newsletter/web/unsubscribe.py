@@ -78,8 +78,7 @@ def _unsubscribe(store: Store, rkey: str) -> bool:
     if not store.record_event(Event(UNSUBSCRIBE, email, "one-click")):
         # Already unsubscribed, or sent from a list file and so no subscriber here yet:
         # keep the unsubscribe as a subscriber row, which is what every send checks.
-        known = store.db.execute("SELECT 1 FROM subscribers WHERE email = ?", (email,)).fetchone()
-        if not known:
+        if store.status(email) is None:
             store.add(Recipient(email, status="unsubscribed"), "one-click")
     return True
 
