@@ -139,6 +139,13 @@ def pg_server():
 
 
 @pytest.fixture
+def new_store(tmp_path, store_backend):
+    """Opens the store under test: a SQLite file in tmp_path, or this test's PostgreSQL database."""
+    from newsletter.store import open_at
+    return lambda: open_at(_STORE_URL["url"] or tmp_path / "store.sqlite3")
+
+
+@pytest.fixture
 def store_backend(request, monkeypatch):
     if request.param == "sqlite":
         yield "sqlite"
