@@ -24,11 +24,20 @@ smtp-sink and smtp-source come with the Debian package ``postfix``; the postfix 
 not used. If they are missing and this runs as root with apt-get, the package is installed
 (DEBIAN_FRONTEND=noninteractive) and the daemon is stopped if the install started it.
 
+4. ledgers (``--ledger``, instead of 1 to 3): the same `newsletter send --to list.csv`
+   process with its ledger in SQLite, then in PostgreSQL (a throwaway server started here
+   from Debian's postgresql, fsync on, default settings, on loopback), then two such
+   processes at once against the one PostgreSQL ledger, splitting the list between them
+   (wall time from the first start to the last exit). Checked: the PostgreSQL ledger holds
+   N sent rows, the sink counted N messages. Goals: PostgreSQL >= 0.8x SQLite with one
+   sender; two senders >= 1.5x one.
+
 Run it from anywhere with the project's venv python:
 
     .venv/bin/python bench/send.py            # N = 20,000, memory store 1,000,000; a few minutes
     .venv/bin/python bench/send.py --quick    # N = 2,000, memory store 100,000
     .venv/bin/python bench/send.py --profile  # also cProfile the in-process send
+    .venv/bin/python bench/send.py --ledger --repeat 3   # SQLite, PostgreSQL, two senders
 
 Exit status: 0 when everything ran (even if a goal is missed; the table says so), 1 when
 something failed to run or a check failed, 2 when the project cannot be imported or the
@@ -345,6 +354,8 @@ def main() -> int:
     parser.add_argument("--subscribers-for-memory", type=int, metavar="M",
                         help="store size for the --dry-run memory figure (default 1,000,000; --quick 100,000; 0 skips)")
     parser.add_argument("--profile", action="store_true", help="also cProfile one in-process send and print the top")
+    parser.add_argument("--ledger", action="store_true",
+                        help="instead: the same send with its ledger in SQLite, in PostgreSQL, and two senders")
     args = parser.parse_args()
     n = args.messages or (2_000 if args.quick else 20_000)
     memory_n = args.subscribers_for_memory if args.subscribers_for_memory is not None else (
@@ -362,6 +373,8 @@ def main() -> int:
              f"e.g. .venv/bin/python bench/send.py", code=2)
 
     sink_bin, source_bin = ensure_tools()
+    if args.ledger:
+        return ledger_bench(sink_bin, n, sessions, repeat)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     issue = Path(ISSUE).stem
 
@@ -574,6 +587,95 @@ def main() -> int:
         print("cProfile of one in-process send_issue():")
         print(profile_text.rstrip())
     return 0
+
+
+# -- ledgers: SQLite, PostgreSQL, two senders ---------------------------------------------------------
+
+PG_GOAL, TWO_GOAL = 0.8, 1.5
+
+
+def ledger_bench(sink_bin: str, n: int, sessions: int, repeat: int) -> int:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import pg_server  # the tests' throwaway server: initdb in a temporary folder, as a non-root user
+
+    if not pg_server.installed():
+        fail("PostgreSQL's server binaries are missing: apt-get install -y postgresql", code=2)
+    times: dict[str, list[float]] = {"sqlite": [], "pg": [], "two": []}
+    os.environ.update(pg_server.PostgresServer.env())  # the password, for our own checks of the ledger
+    with tempfile.TemporaryDirectory(prefix="newsletter-bench-ledger-") as tmp, \
+            pg_server.PostgresServer(durable=True) as pg:
+        tmp_path = Path(tmp)
+        sink = Sink(sink_bin, tmp_path)
+        try:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+            env.update({
+                "NEWSLETTER_SECRET": "bench-secret-not-for-real-use-0123456789abcdef",
+                "NEWSLETTER_SEND_BACKEND": "smtp", "NEWSLETTER_SMTP_HOST": "127.0.0.1",
+                "NEWSLETTER_SMTP_PORT": str(sink.port), "NEWSLETTER_SMTP_SECURITY": "none",
+                "NEWSLETTER_SMTP_CONNECTIONS": str(sessions), "NEWSLETTER_SMTP_MESSAGES_PER_CONNECTION": "1000000",
+                "NEWSLETTER_SMTP_HELO_NAME": HELO, **pg.env(),
+            })
+            recipients = tmp_path / "list.csv"
+            make_list(recipients, n)
+            template = tmp_path / "template.sqlite3"
+            make_store(template, 0)
+            for r in range(repeat):
+                run_dir = tmp_path / f"run{r}"
+                store = fresh_copy(template, run_dir)
+                command = [sys.executable, "-m", "newsletter", "send", ISSUE, "--to", str(recipients),
+                           "--config", str(write_config(run_dir, store))]
+                note(f"[{r + 1}/{repeat}] SQLite ledger, one sender ...")
+                m0 = sink.counters()[1]
+                times["sqlite"].append(run_child(command, env, tmp_path, "newsletter send (SQLite)")[0])
+                check_sent(store, n, "newsletter send (SQLite)")
+
+                note(f"[{r + 1}/{repeat}] PostgreSQL ledger, one sender ...")
+                pg_env = {**env, "NEWSLETTER_STORE_URL": pg.new_database()}
+                times["pg"].append(run_child(command, pg_env, tmp_path, "newsletter send (PostgreSQL)")[0])
+                check_pg_sent(pg_env["NEWSLETTER_STORE_URL"], n)
+
+                note(f"[{r + 1}/{repeat}] PostgreSQL ledger, two senders at once ...")
+                pg_env = {**env, "NEWSLETTER_STORE_URL": pg.new_database()}
+                start = time.perf_counter()
+                both = [subprocess.Popen(command, cwd=ROOT, env=pg_env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL) for _ in range(2)]
+                outputs = [p.communicate()[0].decode(errors="replace") for p in both]
+                times["two"].append(time.perf_counter() - start)
+                for p, output in zip(both, outputs):
+                    if p.returncode != 0:
+                        fail(f"two senders: one exited {p.returncode}:\n{output}")
+                check_pg_sent(pg_env["NEWSLETTER_STORE_URL"], n)
+                if sink.counters()[1] - m0 != 3 * n:
+                    fail(f"smtp-sink counted {sink.counters()[1] - m0} messages over the three runs, not {3 * n}")
+        finally:
+            sink.stop()
+        server_version = pg.version()
+
+    med = statistics.median
+    rate = {k: n / med(v) for k, v in times.items()}
+    pg_ratio, two_ratio = rate["pg"] / rate["sqlite"], rate["two"] / rate["pg"]
+    runs = f"median of {repeat}" if repeat > 1 else "1 run"
+    print(f"ledger benchmark: `newsletter send {ISSUE} --to list.csv`, {n:,} messages over {sessions} SMTP sessions"
+          f" each, to one smtp-sink on 127.0.0.1; {runs}, runs alternated; nproc {os.cpu_count()}, "
+          f"SQLite {sqlite3.sqlite_version}, PostgreSQL {server_version} (fsync on, default settings, loopback)")
+    print(f"  SQLite ledger, one sender         {rate['sqlite']:8,.0f} msg/s")
+    print(f"  PostgreSQL ledger, one sender     {rate['pg']:8,.0f} msg/s   {pg_ratio:5.2f}x SQLite "
+          f"(goal >= {PG_GOAL:g}x: {'ok' if pg_ratio >= PG_GOAL else 'MISSED'})")
+    print(f"  PostgreSQL ledger, two senders    {rate['two']:8,.0f} msg/s   {two_ratio:5.2f}x one sender "
+          f"(goal >= {TWO_GOAL:g}x: {'ok' if two_ratio >= TWO_GOAL else 'MISSED'})")
+    print(f"checked: each run's ledger holds {n:,} sent rows and smtp-sink counted {n:,} messages")
+    print(f"rerun: cd {shlex.quote(str(ROOT))} && {shlex.quote(sys.executable)} bench/send.py --ledger"
+          + (f" --messages {n}" if n != 20_000 else "") + (f" --repeat {repeat}" if repeat > 1 else ""))
+    return 0
+
+
+def check_pg_sent(url: str, n: int) -> None:
+    from newsletter.store import open_at
+
+    with open_at(url) as store:
+        counts = store.counts(Path(ISSUE).stem)
+    if counts["sent"] != n or sum(counts.values()) != n:
+        fail(f"PostgreSQL ledger should hold {n} sent rows, it holds {counts}")
 
 
 if __name__ == "__main__":

@@ -131,8 +131,9 @@ def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | No
                 asyncio.run(_deliver(store, issue.stem, dest, factory, backend, config, summary, progress))
             finally:
                 progress.finish()
-            summary.counts = store.counts(issue.stem, dest)
+            # in this order: other runs only ever make fewer rows pending meanwhile
             summary.elsewhere = store.claimed_elsewhere(issue.stem, dest)
+            summary.counts = store.counts(issue.stem, dest)
     return summary
 
 
@@ -259,7 +260,7 @@ class _Run:
                     if stop.is_set():
                         batch = None
                         continue  # still pending in the ledger: the next run sends it
-                    with store.transaction(len(batch) > 1):
+                    with store.writes(len(batch) > 1):
                         store.mark_many([d.id for d, _ in batch], SENDING, count_attempt=True, via=self.backend.name)
                 try:
                     outcomes = await worker.send_batch([message for _, message in batch])
@@ -289,9 +290,11 @@ class _Run:
             after = 0
             pending: list = []
             while not stop.is_set():
-                rows = store.claim(self.issue, claim_size, after_id=after,
-                                 dest=self.dest)
+                rows = store.claim(self.issue, claim_size, after_id=after, dest=self.dest)
                 if not rows:
+                    if after and store.shared:  # rows skipped while another run held them: look again
+                        after = 0
+                        continue
                     break
                 after = rows[-1].id
                 blocked = store.blocked([d.email for d in rows])
@@ -340,7 +343,7 @@ class _Run:
         why = stops[0] if stops else self.breaker.observe(outcomes)
         if why:
             following = None
-        with store.transaction(len(deliveries) > 1 or bool(suppress) or bool(following)):
+        with store.writes(len(deliveries) > 1 or bool(suppress) or bool(following)):
             for (state, reply, next_try, fault), ids in groups.items():
                 store.mark_many(ids, state, reply, next_try=next_try, fault=fault)
                 if state in self.summary.this_run:  # not the rows a refusal put back to pending

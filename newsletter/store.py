@@ -211,6 +211,11 @@ class Store:
         return _Transaction(self.db, self._begin) if needed and not self.db.in_transaction \
             else contextlib.nullcontext(self.db)
 
+    def writes(self, needed: bool = True):
+        """A transaction of writes whose results nobody reads (a batch's outcomes); the
+        PostgreSQL store sends them all at once."""
+        return self.transaction(needed)
+
     def _pages(self, sql: str, args: tuple, page: int = 5000) -> Iterator[tuple]:
         """Rows of `sql` (whose first column is the unique email it is ordered by; `args`
         fill its placeholders before {after} and LIMIT), a page

@@ -4,7 +4,8 @@ user (PostgreSQL refuses to run as root), on 127.0.0.1:<free port>. Each test ge
 database of its own, made from a template that already has citext (CREATE DATABASE ...
 TEMPLATE copies it in a few milliseconds).
 
-The cluster trades durability for speed (fsync off): it is thrown away with the run.
+For the tests the cluster trades durability for speed (fsync off): it is thrown away with
+the run. The benchmark (bench/send.py --ledger) runs it durable, as a real server.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def installed() -> bool:
 class PostgresServer:
     """`with PostgresServer() as pg:` pg.url(dbname), pg.new_database() -> url."""
 
-    def __init__(self):
+    def __init__(self, durable: bool = False):
+        self.durable = durable  # fsync as a real server does (the benchmark), or not (the tests)
         self.bin = bin_dir()
         self.folder = Path(tempfile.mkdtemp(prefix="newsletter-pg-"))
         self.folder.chmod(0o777)  # the server's user must reach it
@@ -78,7 +80,8 @@ class PostgresServer:
         self.process = subprocess.Popen(
             [*self.prefix, str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
              "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.folder}",
-             "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200"],
+             "-c", "max_connections=200",
+             *([] if self.durable else ["-c", "fsync=off", "-c", "full_page_writes=off"])],
             stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
@@ -103,11 +106,17 @@ class PostgresServer:
                 self.process.kill()
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def version(self) -> str:
+        import psycopg
+        with psycopg.connect(self.url("postgres"), password=PASSWORD) as conn:
+            return conn.execute("SHOW server_version").fetchone()[0]
+
     def url(self, dbname: str) -> str:
         """A URL without the password: the store takes it from PGPASSWORD, as it must."""
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{dbname}"
 
-    def env(self) -> dict[str, str]:
+    @staticmethod
+    def env() -> dict[str, str]:
         return {"PGPASSWORD": PASSWORD}
 
     def sql(self, dbname: str, statement: str) -> None:
