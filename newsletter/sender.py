@@ -196,6 +196,9 @@ async def _deliver(store: Store, issue: str, dest: str, factory: MessageFactory,
             pass
     counts = store.counts(issue, dest)
     progress.start(counts["pending"] + counts["deferred"], backend.describe())
+    if not counts["pending"] + counts["deferred"]:
+        await backend.close()
+        return  # nothing to send: no connection (a finished send needs no server)
     run = _Run(store, issue, dest, factory, backend, settings, summary, progress, stop)
 
     workers = []
