@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, IssueError, NewsletterError
+from .errors import ConfigError, IssueError, NewsletterError, SendError
 
 EXIT_OK, EXIT_INVALID, EXIT_FAILED = 0, 1, 2
 EXIT_DEFERRED = 75  # EX_TEMPFAIL: nothing failed, but some messages wait for a retry
@@ -393,14 +393,33 @@ def _print_csv_report(report, path) -> None:
               file=sys.stderr)
 
 
+def _print_reasons(reasons: dict[tuple[str, str], int], shown: int = 5) -> None:
+    """Why this run failed or left uncertain what it did, the commonest answers first."""
+    ranked = sorted(reasons.items(), key=lambda item: -item[1])
+    for (state, reply), n in ranked[:shown]:
+        print(f"{state} {n}: {reply[:300]}", file=sys.stderr)
+    if len(ranked) > shown:
+        print(f"... and {len(ranked) - shown} other answer(s): see `newsletter status`", file=sys.stderr)
+
+
 def run_send(args) -> int:
     from .progress import ProgressLine
     from .sender import send_issue
 
-    summary = send_issue(_issue_path(args.issue), _load_config(args), backend_name=args.backend, to_csv=args.to,
-                         test_addresses=args.test, dry_run=args.dry_run, allow_changed=args.allow_changed,
-                         retry_failed=args.retry_failed, resend_uncertain=args.resend_uncertain,
-                         progress=ProgressLine())
+    try:
+        summary = send_issue(_issue_path(args.issue), _load_config(args), backend_name=args.backend, to_csv=args.to,
+                             test_addresses=args.test, dry_run=args.dry_run, allow_changed=args.allow_changed,
+                             retry_failed=args.retry_failed, resend_uncertain=args.resend_uncertain,
+                             progress=ProgressLine())
+    except SendError as exc:
+        if exc.counts is None:
+            raise
+        c = exc.counts  # the send stopped part way: say what it left, not only why
+        print(f"newsletter: {exc}", file=sys.stderr)
+        print(f"stopped: the ledger holds {c['sent']} sent, {c['pending']} pending, {c['deferred']} deferred, "
+              f"{c['failed']} failed, {c['uncertain']} uncertain; nobody was marked failed by this stop. "
+              "Run send again once it is fixed: it resumes where it stopped", file=sys.stderr)
+        return EXIT_FAILED
     for warning in summary.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if summary.csv:
@@ -425,6 +444,7 @@ def run_send(args) -> int:
         which = "proofs in the outbox" if summary.destination == "outbox" else "deliveries"
         print(f"ledger ({which}): {c['sent']} sent, {c['pending']} pending, {c['deferred']} deferred, "
               f"{c['failed']} failed, {c['uncertain']} uncertain, {c['skipped']} skipped")
+    _print_reasons(summary.reasons)
     if summary.elsewhere:
         print(f"{summary.elsewhere} still being sent by another `newsletter send` of this issue, running now")
     if summary.stopped:

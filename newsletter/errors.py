@@ -75,4 +75,4 @@ class RecipientsError(NewsletterError):
 
 
 class SendError(NewsletterError):
-    pass
+    counts: dict[str, int] | None = None  # the ledger when it stopped a send, for the summary

@@ -71,6 +71,7 @@ class SendSummary:
     built: int = 0  # --dry-run and --test: messages built
     bytes: int = 0
     warnings: list[str] = field(default_factory=list)
+    reasons: dict[tuple[str, str], int] = field(default_factory=dict)  # (failed or uncertain, reply) -> rows
 
 
 def make_signer(config: Config, allow_ephemeral: bool, warnings: list[str]) -> Signer:
@@ -129,6 +130,9 @@ def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | No
             summary.warnings += backend.warnings()
             try:
                 asyncio.run(_deliver(store, issue.stem, dest, factory, backend, config, summary, progress))
+            except SendError as exc:
+                exc.counts = store.counts(issue.stem, dest)  # what the stop left, for the summary
+                raise
             finally:
                 progress.finish()
             # in this order: other runs only ever make fewer rows pending meanwhile
@@ -171,6 +175,9 @@ async def _deliver(store: Store, issue: str, dest: str, factory: MessageFactory,
             pass
     counts = store.counts(issue, dest)
     progress.start(counts["pending"] + counts["deferred"], backend.describe())
+    if not counts["pending"] + counts["deferred"]:
+        await backend.close()
+        return  # nothing to send: no connection (a finished send needs no server)
     run = _Run(store, issue, dest, factory, backend, settings, summary, progress, stop)
 
     workers = []
@@ -349,6 +356,9 @@ class _Run:
                 if state in self.summary.this_run:  # not the rows a refusal put back to pending
                     self.summary.this_run[state] += len(ids)
                     self.progress.advance(state, len(ids))
+                if state in (FAILED, UNCERTAIN):
+                    reasons = self.summary.reasons
+                    reasons[state, reply] = reasons.get((state, reply), 0) + len(ids)
             for email, reply in suppress:
                 store.suppress(email, reply)
                 store.set_status(email, "bounced", f"send {reply}")

@@ -158,6 +158,8 @@ class ApiServer:
         self.sender_verified = True  # False: every request is refused for its unverified From, as each provider does
         self._slow: list[_Slow] = []
         self._garble: list[bytes] = []
+        self._page: list[tuple[int, bytes]] = []  # (status, HTML): a proxy's page instead of the provider's answer
+        self._cut: int = 0  # requests whose connection is reset halfway through their body
         self._inactive: set[str] = set()
         self._reject: dict[str, int | None] = {}
         self.rate_limited_until: float | None = None  # SendGrid: 429 with X-RateLimit-Reset until then
@@ -218,6 +220,22 @@ class ApiServer:
         with self.lock:
             self._garble += [body] * times
 
+    def page(self, times: int = 1, status: int = 502, body: bytes | None = None) -> None:
+        """The next `times` requests get an HTML page with `status` instead of the provider's
+        JSON, as a proxy in front of it answers (nginx's 502 Bad Gateway; a 200 from a captive
+        portal or a wrong base_url). Nothing is taken."""
+        body = body or (f"<html>\r\n<head><title>{status} Bad Gateway</title></head>\r\n<body>\r\n<center>"
+                        f"<h1>{status} Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n"
+                        "</html>\r\n").encode()
+        with self.lock:
+            self._page += [(status, body)] * times
+
+    def cut(self, times: int = 1) -> None:
+        """The next `times` requests: half the body is read, then the connection is reset
+        (RST) in the middle of the request. Nothing is taken."""
+        with self.lock:
+            self._cut += times
+
     def inactive(self, *addresses: str) -> None:
         """A per-message error for these: Postmark ErrorCode 406; Resend errors[] (permissive)."""
         with self.lock:
@@ -259,6 +277,16 @@ class ApiServer:
         arrived = time.monotonic()
         headers = {k.lower(): v for k, v in h.headers.items()}
         length = int(headers.get("content-length") or 0)
+        with self.lock:
+            cut, self._cut = self._cut > 0, max(self._cut - 1, 0)
+        if cut:  # half of it, then RST: the client is still writing, or waiting for an answer
+            h.rfile.read(length // 2)
+            with self.lock:
+                self.requests.append(Request(len(self.requests), h.command, h.path, headers, b"",
+                                             arrived, outcome="cut mid-request"))
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            h.close_connection = True
+            return
         body = h.rfile.read(length) if length else b""
         path = h.path.split("?", 1)[0]
         with self.lock:
@@ -323,7 +351,7 @@ class ApiServer:
         req.recipients = [a.lower() for a in _batch_addresses(provider, req)]
 
         # scripted faults, on authenticated requests at the right address
-        throttle, fail, slow, garble, reset, refuse = _NO, None, None, None, None, None
+        throttle, fail, slow, garble, reset, refuse, page = _NO, None, None, None, None, None, None
         with self.lock:  # one fault a request, in this order
             if self._throttle:
                 throttle = self._throttle.pop(0)
@@ -337,6 +365,11 @@ class ApiServer:
                 slow = self._slow.pop(0)
             elif self._garble:
                 garble = self._garble.pop(0)
+            elif self._page:
+                page = self._page.pop(0)
+        if page is not None:
+            req.outcome = "proxy page"
+            return page[0], {"Content-Type": "text/html"}, page[1]
         if garble is not None:
             req.outcome = "garbled"
             return 200, {"Content-Type": "application/json"}, garble

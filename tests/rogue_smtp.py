@@ -5,8 +5,10 @@ STARTTLS, AUTH PLAIN, MAIL, RCPT, DATA, RSET, NOOP, QUIT; pipelining works, as i
 line by line) to deliver, so a test can tell a refusal from a send.
 
 `hook(n, verb)` is asked before each reply, with n the connection's number (1, 2, ...) and
-verb "GREETING", "EHLO", "HELO", "STARTTLS" (the bytes after the 220), "MAIL", "RCPT", "DATA"
-(the reply to the content), "AUTH"; it returns bytes to send instead, "drop" to close the
+verb "GREETING", "EHLO", "HELO", "STARTTLS" (the bytes after the 220), "STARTTLS-REPLY" (a
+reply instead of the 220, and no TLS), "MAIL", "RCPT", "CONTENT" (asked after the first line
+of the message: "drop" hangs up in the middle of DATA), "DATA" (the reply to the content),
+"AUTH"; it returns bytes to send instead, "drop" to close the
 connection, "vanish" to close it and stop listening (later connections are refused), or
 None to behave."""
 
@@ -146,6 +148,9 @@ class RogueServer:
                 self._reply(conn, session, "EHLO", text.encode())
             elif verb == "HELO":
                 self._reply(conn, session, "HELO", b"250 rogue.test\r\n")
+            elif verb == "STARTTLS" and self.context and not session.tls and \
+                    (refusal := self.hook(session.number, "STARTTLS-REPLY")) is not None:
+                conn.sendall(refusal)
             elif verb == "STARTTLS" and self.context and not session.tls:
                 # the injection in the same write as the 220, as an attacker's packet would be;
                 # ("later", seconds, bytes): in a packet of its own, that much later
@@ -176,6 +181,8 @@ class RogueServer:
                 conn.sendall(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                 data = bytearray()
                 while (chunk := readline()) != b".\r\n":
+                    if not data and self.hook(session.number, "CONTENT") == "drop":
+                        raise _Closed  # in the middle of the message: no reply, nothing taken
                     data += chunk[1:] if chunk.startswith(b"..") else chunk
                 if self._reply(conn, session, "DATA", b"250 2.0.0 Ok: queued\r\n") is None:
                     with self.lock:

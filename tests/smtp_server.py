@@ -18,12 +18,15 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 USER, PASSWORD = "sender", "correct horse battery staple"
 
 
-def make_certificate(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1 (made by openssl)."""
-    cert, key = folder / "cert.pem", folder / "key.pem"
+def make_certificate(folder: Path, host: str | None = None) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1 (made by openssl), or for
+    `host` alone (a certificate for another host than the one connected to)."""
+    name = host or "localhost"
+    prefix = f"{host}." if host else ""
+    cert, key = folder / f"{prefix}cert.pem", folder / f"{prefix}key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                    str(cert), "-days", "2", "-subj", f"/CN={name}",
+                    "-addext", f"subjectAltName=DNS:{host}" if host else "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)
     return cert, key
 
@@ -130,9 +133,9 @@ class Server:
     `greeting="554 ..."` makes one that refuses every client at once."""
 
     def __init__(self, handler: Handler, tls: tuple[Path, Path] | None = None, auth: bool = True,
-                 greeting: str | None = None):
+                 greeting: str | None = None, port: int | None = None):
         self.handler = handler
-        self.port = free_port()
+        self.port = port or free_port()
         kwargs = {}
         if tls:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

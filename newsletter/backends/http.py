@@ -198,7 +198,7 @@ class HttpBackend(Backend):
         try:
             body = response.json()
         except ValueError:
-            return response.text.strip()[:500] or response.reason_phrase
+            return _plain(response.text)[:500] or response.reason_phrase
         if isinstance(body, dict):
             for key in ("message", "Message", "errors", "error"):
                 if key in body:
@@ -385,6 +385,13 @@ class HttpWorker(Worker):
                     continue
                 return [outcome] * len(messages)
             if response.is_success:
+                if (page := _not_json(response)) is not None:  # a proxy, a portal, a wrong base_url
+                    outcome = backend.lost_answer(
+                        f"{backend.title}: a {response.status_code} answer that is not the provider's answer "
+                        f"({page}); check base_url", f"{backend.title} not JSON")
+                    if outcome.state == DEFERRED:
+                        continue
+                    return [outcome] * len(messages)
                 return self.results(response, messages)
             outcome, index = backend.refusal(response, messages)
             if index is not None:  # one recipient refused, and with it the request: the others go again now
@@ -409,6 +416,32 @@ class SingleWorker(HttpWorker):
 
     def results(self, response: httpx.Response, messages: list) -> list[Outcome]:
         return self.backend.single_results(response, messages)
+
+
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.I | re.S)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def _plain(text: str) -> str:
+    """An answer's words: an HTML page (a proxy's 502, a portal) by its title, or its text."""
+    text = text.strip()
+    if text[:1] == "<":
+        title = _TITLE.search(text)
+        text = title.group(1) if title and title.group(1).strip() else _TAG.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _not_json(response: httpx.Response) -> str | None:
+    """Every provider answers a 2xx with JSON or nothing: anything else did not come from it
+    (its words, shortened), and what became of the request is not known."""
+    body = response.content.strip()
+    if not body:
+        return None
+    try:
+        json.loads(body)
+    except ValueError:
+        return f"{response.headers.get('content-type', 'no Content-Type')}: {_plain(response.text)[:80]!r}"
+    return None
 
 
 def _describe(exc: httpx.TransportError | httpx.DecodingError, timeout: float) -> str:

@@ -203,7 +203,10 @@ class SmtpConnection:
         return peer[0] if peer else None
 
     async def _greet(self, settings: Smtp, context: ssl.SSLContext | None, where: str) -> None:
-        greeting = await self.read_reply()
+        try:
+            greeting = await self.read_reply()
+        except ConnectionLost as exc:  # it took the connection and said nothing (or hung up)
+            raise type(exc)(f"no greeting from the server: {exc.reply}") from exc
         if 400 <= greeting.code < 500:
             raise ServerUnreachable(f"{where}: the server will not talk now: {greeting}")
         if greeting.code != 220:
