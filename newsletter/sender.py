@@ -20,7 +20,9 @@ import random
 import secrets
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -205,6 +207,7 @@ async def _deliver(store: Store, issue: str, dest: str, factory: MessageFactory,
             except asyncio.TimeoutError:
                 pass
     finally:
+        run.close()
         await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
         await backend.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -228,6 +231,7 @@ class _Run:
         self.backend, self.settings, self.summary, self.progress, self.stop = (
             backend, settings, summary, progress, stop)
         self.breaker = Breaker(settings.breaker)
+        self.pool = ThreadPoolExecutor(1, "ledger") if store.shared else None
 
     def refuse(self, why: str) -> None:
         """A refusal that would fail everyone alike: stop now, the rest stays pending."""
@@ -267,13 +271,11 @@ class _Run:
                     if stop.is_set():
                         batch = None
                         continue  # still pending in the ledger: the next run sends it
-                    with store.writes(len(batch) > 1):
-                        store.mark_many([d.id for d, _ in batch], SENDING, count_attempt=True, via=self.backend.name)
+                    await self.ledger(self._mark_sending, [d.id for d, _ in batch])
                 try:
                     outcomes = await worker.send_batch([message for _, message in batch])
                 except SendError as exc:
-                    with store.transaction():
-                        store.mark_many([d.id for d, _ in batch], "pending", reply=f"not sent: {exc}")
+                    await self.ledger(self._put_back, [d.id for d, _ in batch], str(exc))
                     fatal.append(exc)
                     stop.set()
                     batch = None
@@ -283,7 +285,7 @@ class _Run:
                 following = queue.get_nowait() if not (queue.empty() or stop.is_set() or worker.pause()) \
                     else False
                 ended[0] = following is None
-                marked = self.record([d for d, _ in batch], outcomes, following or None)
+                marked = await self.record([d for d, _ in batch], outcomes, following or None)
                 if following is None:
                     break  # that was the end of the queue
                 batch = following if marked else None
@@ -297,19 +299,20 @@ class _Run:
             after = 0
             pending: list = []
             while not stop.is_set():
-                rows = store.claim(self.issue, claim_size, after_id=after, dest=self.dest)
+                rows = await self.ledger(store.claim, self.issue, claim_size, after, None, self.dest)
                 if not rows:
                     if after and store.shared:  # rows skipped while another run held them: look again
                         after = 0
                         continue
                     break
                 after = rows[-1].id
-                blocked = store.blocked([d.email for d in rows])
+                blocked = await self.ledger(store.blocked, [d.email for d in rows])
                 for delivery in rows:
                     if stop.is_set():
                         break
                     if delivery.email.lower() in blocked:
-                        store.mark(delivery.id, SKIPPED, reply="unsubscribed or suppressed before sending")
+                        await self.ledger(partial(store.mark, delivery.id, SKIPPED,
+                                                  reply="unsubscribed or suppressed before sending"))
                         self.summary.this_run[SKIPPED] += 1
                         self.progress.advance(SKIPPED)
                         continue
@@ -327,13 +330,14 @@ class _Run:
         if fatal:
             raise fatal[0]
 
-    def record(self, deliveries: list[Delivery], outcomes: list[Outcome], following: list | None = None) -> bool:
+    async def record(self, deliveries: list[Delivery], outcomes: list[Outcome],
+                     following: list | None = None) -> bool:
         """Write a batch's outcomes as outcome.decide says: rows with the same result
         share one UPDATE. One jitter for the batch: its deferred rows fall due together and
         go out again as one batch (for Resend, under the same Idempotency-Key). The
         `following` batch is marked `sending` in the same transaction unless these
         outcomes stop the run; returns whether it was."""
-        settings, store = self.settings, self.store
+        settings = self.settings
         groups: dict[tuple, list[int]] = {}
         suppress: list[tuple[str, str]] = []
         stops: list[str] = []
@@ -348,25 +352,49 @@ class _Run:
             if decision.stop:
                 stops.append(decision.stop)
         why = stops[0] if stops else self.breaker.observe(outcomes)
+        following_ids = [d.id for d, _ in following] if following and not why else []
+        await self.ledger(self._write_outcomes, groups, suppress, following_ids, len(deliveries) > 1)
+        for (state, reply, _next_try, _fault), ids in groups.items():
+            if state in self.summary.this_run:  # not the rows a refusal put back to pending
+                self.summary.this_run[state] += len(ids)
+                self.progress.advance(state, len(ids))
+            if state in (FAILED, UNCERTAIN):
+                reasons = self.summary.reasons
+                reasons[state, reply] = reasons.get((state, reply), 0) + len(ids)
         if why:
-            following = None
-        with store.writes(len(deliveries) > 1 or bool(suppress) or bool(following)):
+            self.refuse(why)
+        return bool(following_ids)
+
+    def _write_outcomes(self, groups: dict, suppress: list, following_ids: list[int], several: bool) -> None:
+        store = self.store
+        with store.writes(several or bool(suppress) or bool(following_ids)):
             for (state, reply, next_try, fault), ids in groups.items():
                 store.mark_many(ids, state, reply, next_try=next_try, fault=fault)
-                if state in self.summary.this_run:  # not the rows a refusal put back to pending
-                    self.summary.this_run[state] += len(ids)
-                    self.progress.advance(state, len(ids))
-                if state in (FAILED, UNCERTAIN):
-                    reasons = self.summary.reasons
-                    reasons[state, reply] = reasons.get((state, reply), 0) + len(ids)
             for email, reply in suppress:
                 store.suppress(email, reply)
                 store.set_status(email, "bounced", f"send {reply}")
-            if following:
-                store.mark_many([d.id for d, _ in following], SENDING, count_attempt=True, via=self.backend.name)
-        if why:
-            self.refuse(why)
-        return bool(following)
+            if following_ids:
+                store.mark_many(following_ids, SENDING, count_attempt=True, via=self.backend.name)
+
+    def _mark_sending(self, ids: list[int]) -> None:
+        with self.store.writes(len(ids) > 1):
+            self.store.mark_many(ids, SENDING, count_attempt=True, via=self.backend.name)
+
+    def _put_back(self, ids: list[int], why: str) -> None:
+        with self.store.transaction():
+            self.store.mark_many(ids, "pending", reply=f"not sent: {why}")
+
+    async def ledger(self, fn, *args):
+        """A store call. SQLite answers in microseconds, in this thread. A shared store's
+        server takes a round trip: the call goes to the store's own thread, so that the
+        other connections' messages go on meanwhile (all calls of a run, in order)."""
+        if self.pool is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 # -- test sends and dry runs --------------------------------------------------------------------

@@ -332,9 +332,11 @@ class PostgresStore(Store):
                   count_attempt: bool = False, fault: str | None = None, via: str | None = None) -> None:
         # One statement for any number of rows (an array), the same text each time: the
         # server plans it once.
+        # A row back to pending or deferred is nobody's until it is claimed again.
+        claim = ", claimed_by = NULL" if state in ("pending", "deferred") else ""
         self.db.execute(
             "UPDATE deliveries SET state = ?, reply = coalesce(?, reply), next_try = ?, updated_at = ?,"
-            " fault = ?, via = coalesce(?, via), attempts = attempts + ? WHERE id = ANY(?)",
+            f" fault = ?, via = coalesce(?, via), attempts = attempts + ?{claim} WHERE id = ANY(?)",
             (state, reply, next_try, now_iso(), fault, via, 1 if count_attempt else 0, ids))
 
     def blocked(self, emails: list[str]) -> set[str]:
@@ -399,28 +401,22 @@ class PostgresStore(Store):
             "UPDATE deliveries SET claimed_by = ? WHERE id IN (SELECT id FROM deliveries"
             " WHERE issue = ? AND destination = ? AND id > ?"
             " AND (state = 'pending' OR (state = 'deferred' AND next_try <= ?))"
-            # never this run's own pending rows: they wait in its queue already
-            " AND (claimed_by IS NULL OR (claimed_by = ? AND state = 'deferred'))"
-            " ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED)"
+            # nobody's: a run's own claims wait in its queue already
+            " AND claimed_by IS NULL ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED)"
             " RETURNING id, email, name, fields, rkey, attempts",
-            (self.run_id, issue, dest, after_id, now, self.run_id, batch_size)).fetchall()
+            (self.run_id, issue, dest, after_id, now, batch_size)).fetchall()
         rows.sort()
         return [Delivery(i, e, n, json.loads(f) if f else {}, k, a) for i, e, n, f, k, a in rows]
 
     def claimed_elsewhere(self, issue: str, dest: str = DELIVERY) -> int:
         """Called when this run found nothing more to claim: a pending row it did not
         claim belongs to another run, or is being claimed by one this very moment (its
-        claim not committed yet, so it still looks free)."""
+        claim not committed yet, so it still looks free). Deferred rows are nobody's: they
+        wait for the next run, or for this one's retry."""
         return self.db.execute(
-            "SELECT count(*) FROM deliveries WHERE issue = ? AND destination = ? AND ((state = 'pending'"
-            " AND claimed_by IS DISTINCT FROM ?) OR (state = 'deferred' AND claimed_by != ?))",
-            (issue, dest, self.run_id or 0, self.run_id or 0)).fetchone()[0]
+            "SELECT count(*) FROM deliveries WHERE issue = ? AND destination = ? AND state = 'pending'"
+            " AND claimed_by IS DISTINCT FROM ?", (issue, dest, self.run_id or 0)).fetchone()[0]
 
-    def next_retry(self, issue: str, dest: str = DELIVERY) -> float | None:
-        """The next deferred row due that this run may take (another live run retries its own)."""
-        return self.db.execute(
-            "SELECT min(next_try) FROM deliveries WHERE issue = ? AND destination = ? AND state = 'deferred'"
-            " AND (claimed_by IS NULL OR claimed_by = ?)", (issue, dest, self.run_id or 0)).fetchone()[0]
 
     def settle_in_flight(self, issue: str, dest: str = DELIVERY) -> list[str]:
         """The rows of runs that are gone: their `sending` rows settled as Store does,

@@ -5,12 +5,11 @@ STARTTLS): the example issue is sent over SMTP (aiosmtpd) with VERP, and what co
 import email
 import email.policy
 import shutil
-import sqlite3
 from dataclasses import dataclass
 
 import pytest
 
-from conftest import EXAMPLE, addresses, config_for, require, run_cli, subscribe
+from conftest import EXAMPLE, addresses, config_for, require, run_cli, store_of, subscribe
 from newsletter.sender import send_issue
 from newsletter.tokens import Signer
 from smtp_server import Handler, Server, make_certificate
@@ -18,6 +17,8 @@ from smtp_server import Handler, Server, make_certificate
 ISSUE = EXAMPLE.stem
 BOUNCES = "bounces+{token}@watchman.example"
 MAILBOX = "bounces@watchman.example"  # where the DSNs arrive: the VERP addresses are delivered there
+
+pytestmark = pytest.mark.usefixtures("store_backend")  # each test on SQLite and on PostgreSQL
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ class World:
         return result
 
     def row(self, address):
-        with sqlite3.connect(self.config.store.path) as db:
+        with store_of(self.config) as store:
+            db = store.db
             status = db.execute("SELECT status FROM subscribers WHERE email = ?", (address,)).fetchone()[0]
             state = db.execute("SELECT state FROM deliveries WHERE email = ? AND issue = ?",
                                (address, ISSUE)).fetchone()[0]

@@ -16,11 +16,10 @@ import uvicorn
 
 from api_server import AWS_KEY_ID, AWS_SECRET, KEYS, MAILGUN_DOMAIN, PROVIDERS, SES_REGION, ApiServer, _form_fields
 from cdp import Browser
-from conftest import ROOT, config_for, run_cli
+from conftest import ROOT, config_for, run_cli, store_of
 from newsletter.errors import ConfigError
 from newsletter.outcome import COMPLAINT, HARD_BOUNCE, Event
 from newsletter.recipients import Recipient
-from newsletter.store import Store
 from newsletter.web import signup
 from newsletter.web.app import create_app
 from smtp_server import Handler, Server, free_port
@@ -28,6 +27,8 @@ from smtp_server import Handler, Server, free_port
 SECRET = "test-secret-not-for-production"
 PUBLIC = "https://news.example.com"
 OTHER_SITE = "https://blog.example.org"
+
+pytestmark = pytest.mark.usefixtures("store_backend")  # each test on SQLite and on PostgreSQL
 
 
 def signup_env(tmp_path, **extra):
@@ -91,7 +92,7 @@ class Service:
         return self.base + link[len(PUBLIC):]
 
     def subscriber(self, address: str):
-        with Store(self.config.store.path) as store:
+        with store_of(self.config) as store:
             return store.db.execute("SELECT email, name, status, changed_how FROM subscribers WHERE email = ?",
                                     (address,)).fetchone()
 
@@ -200,7 +201,7 @@ def test_expired_and_forged_links_are_refused(service):
 # -- the same answer for everyone; the honeypot; suppressed addresses ---------------------------
 
 def test_existing_subscriber_gets_the_same_answer(service):
-    with Store(service.config.store.path) as store:
+    with store_of(service.config) as store:
         store.add(Recipient("member@example.com", "Member"), "test")
     answers = {}
     for address in ("member@example.com", "newcomer@example.com"):
@@ -231,7 +232,7 @@ def test_suppressed_address_is_never_mailed_nor_subscribed(service, kind):
     pub = service.config.publication
     # a link sent before the bounce or complaint came in
     token = signup.make_token(SECRET.encode(), pub.list_id, address, "Old Link", int(time.time()) + 3600)
-    with Store(service.config.store.path) as store:
+    with store_of(service.config) as store:
         store.add(Recipient(address), "test")
         assert store.record_event(Event(kind, address, "test"))
     suppressed = service.http.post("/subscribe", json={"email": address})
@@ -248,7 +249,7 @@ def test_suppressed_address_is_never_mailed_nor_subscribed(service, kind):
 
 
 def test_unsubscribed_reader_may_come_back(service):
-    with Store(service.config.store.path) as store:
+    with store_of(service.config) as store:
         store.add(Recipient("back@example.com"), "test")
         store.set_status("back@example.com", "unsubscribed", "one-click")
     service.http.post("/subscribe", json={"email": "back@example.com", "name": "Back Again"})
@@ -372,7 +373,7 @@ def test_confirmation_refused_as_no_such_mailbox_suppresses(tmp_path):
         assert answer.status_code == 202  # the answer went out before the server said no
         service.settled(1)
         assert service.signup.done == {"failed": 1}
-    with Store(service.config.store.path) as store:
+    with store_of(service.config) as store:
         assert store.suppressed("nobody@example.com")  # through the one outcome policy, as any bounce
 
 
@@ -493,7 +494,7 @@ def test_refused_api_key_is_logged_and_the_service_goes_on(tmp_path, provider, a
         service.settled(2)
         assert service.signup.done == {"failed": 2}
     assert service.subscriber("refused@example.com") is None
-    with Store(service.config.store.path) as store:
+    with store_of(service.config) as store:
         assert not store.suppressed("refused@example.com")  # the account's fault, not the reader's
     warnings = [r.getMessage() for r in caplog.records if r.name == "newsletter.signup" and r.levelname == "WARNING"]
     assert any("refused@example.com" in w and f"not sent through {provider}" in w and "the key" in w
@@ -542,7 +543,7 @@ def test_inactive_recipient_at_postmark_is_suppressed(tmp_path):
         service.http.post("/subscribe", json={"email": "bounced.before@example.com"})
         service.settled(1)
         assert service.signup.done == {"failed": 1}
-    with Store(service.config.store.path) as store:
+    with store_of(service.config) as store:
         assert store.suppressed("bounced.before@example.com")  # the same policy as any send's 406
 
 

@@ -258,3 +258,28 @@ def test_the_same_address_in_another_case_is_the_same_reader(pg_store):
             from newsletter.store import copy_store
             with Store(":memory:") as empty:
                 copy_store(empty, store)
+
+
+def test_a_claimed_row_is_claimed_once_until_it_is_deferred_or_its_run_is_gone(pg_store):
+    from newsletter.store_pg import PostgresStore
+    with PostgresStore(pg_store) as one, PostgresStore(pg_store) as two:
+        for address in addresses(6):
+            one.add(Recipient(address), "test")
+        one.enqueue_subscribers("issue", lambda e: "k" + e)
+        with two.sender_lock("issue"):
+            with one.sender_lock("issue"):
+                first = one.claim("issue", 4)
+                assert [d.email for d in first] == addresses(4)
+                assert [d.email for d in one.claim("issue", 4)] == addresses(6)[4:]
+                assert one.claim("issue", 4) == []  # its own claims: never twice
+                assert two.claim("issue", 10) == []  # all claimed by the live `one`
+                one.mark_many([first[0].id], "deferred", reply="451 later", next_try=0)
+                assert [d.email for d in two.claim("issue", 10)] == [first[0].email]  # deferred: anybody's
+                one.mark_many([first[1].id], "sending")
+                assert two.settle_in_flight("issue") == []  # `one` lives: its rows are its own
+            # `one` has ended (as a killed run's lock goes with its connection): its claims are
+            # freed, and its row in flight is settled as uncertain by the next to look
+            assert two.settle_in_flight("issue") == [first[1].email]
+            assert [d.email for d in two.claim("issue", 10)] == [first[2].email, first[3].email,
+                                                                  *addresses(6)[4:]]
+        assert two.counts("issue")["uncertain"] == 1

@@ -17,8 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
-from conftest import addresses, config_for, require, subscribe
-from newsletter.store import Store
+from conftest import addresses, config_for, require, store_of, subscribe
 from test_send import settings_env
 from webhook_service import Service, SnsStandIn, openssl_certificate
 
@@ -28,6 +27,8 @@ POSTMARK = ("postmark-hook", "postmark-password-for-tests")
 RESEND_KEY = b"resend-test-signing-key-32-bytes"
 RESEND_SECRET = "whsec_" + base64.b64encode(RESEND_KEY).decode()
 PEOPLE = addresses(8)
+
+pytestmark = pytest.mark.usefixtures("store_backend")  # each test on SQLite and on PostgreSQL
 
 
 def rkey(email: str) -> str:
@@ -60,7 +61,7 @@ def make_config(tmp_path, **webhooks):
     env.update({f"NEWSLETTER_WEBHOOKS_{k.upper()}": str(v) for k, v in webhooks.items()})
     config = config_for(env)
     subscribe(config, PEOPLE)
-    with Store(config.store.path) as store:
+    with store_of(config) as store:
         for email in PEOPLE:
             store.db.execute("INSERT INTO deliveries (issue, email, rkey, state, updated_at) VALUES (?, ?, ?, 'sent', 't')",
                              (ISSUE, email, rkey(email)))
@@ -82,7 +83,7 @@ def service(tmp_path, sendgrid_key, sns):
 
 def standing(config, email):
     """(subscriber status, suppressed, ledger state)"""
-    with Store(config.store.path) as store:
+    with store_of(config) as store:
         status = store.db.execute("SELECT status FROM subscribers WHERE email = ?", (email,)).fetchone()[0]
         state = store.db.execute("SELECT state FROM deliveries WHERE email = ?", (email,)).fetchone()[0]
         return status, store.suppressed(email), state
@@ -93,7 +94,7 @@ def untouched(config):
 
 
 def restore(config, email):
-    with Store(config.store.path) as store:
+    with store_of(config) as store:
         store.restore([email])
         store.set_status(email, "subscribed", "test")
 
@@ -132,7 +133,7 @@ def test_sendgrid_signed_batch(service, sendgrid_key):
     assert standing(config, r[4]) == ("unsubscribed", False, "sent")
     assert standing(config, r[5]) == ("bounced", True, "failed")
     assert standing(config, r[6]) == standing(config, r[7]) == ("subscribed", False, "sent")
-    with Store(config.store.path) as store:
+    with store_of(config) as store:
         reply = store.db.execute("SELECT reply FROM deliveries WHERE email = ?", (r[0],)).fetchone()[0]
     assert reply == "hard_bounce: sendgrid webhook: bounce: 5.1.1 550 5.1.1 no such user"
 
