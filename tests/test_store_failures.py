@@ -217,3 +217,51 @@ def test_a_disk_that_fills_mid_send_leaves_a_true_ledger_and_a_rerun_reaches_eve
             final = ledger(store)
             assert {a for a, s in final.items() if s == "uncertain"} == set(in_flight)
             assert {a for a, s in final.items() if s == "sent"} == set(addresses(N)) - set(in_flight)
+
+
+# -- serve on a disk that fills while it runs -----------------------------------------------------
+
+def test_serve_on_a_full_disk_answers_503_without_a_traceback_and_recovers():
+    import hashlib
+    import hmac
+    import json
+
+    from newsletter.web.signup import make_token
+    from test_serve import Service
+    from test_signup import signup_env
+
+    with tmpfs(8 << 20) as disk:
+        env = {**signup_env(disk), "NEWSLETTER_WEBHOOKS_MAILGUN_SIGNING_KEY": "mailgun-key"}
+        store = seed(disk, smtp_env(disk, 1), 5)
+        config = config_for(env)
+        signer = Signer(config.send.secret.encode(), config.publication.list_id)
+        service = Service(env, disk)
+        try:
+            before = dump(store)
+            filler = disk / "filler"
+            with open(filler, "wb") as out:  # the disk fills (something else wrote it full)
+                with contextlib.suppress(OSError):
+                    while True:
+                        out.write(b"\0" * 65536)
+                        out.flush()
+            stamp, token = str(int(time.time())), "t" * 50
+            signed = hmac.new(b"mailgun-key", (stamp + token).encode(), hashlib.sha256).hexdigest()
+            hook = {"signature": {"timestamp": stamp, "token": token, "signature": signed},
+                    "event-data": {"event": "failed", "severity": "permanent", "recipient": "r3@example.com",
+                                   "id": "ev-full", "delivery-status": {"code": 550, "message": "5.1.1 no such user"}}}
+            confirm = make_token(config.send.secret.encode(), config.publication.list_id, "new@example.com", None,
+                                 int(time.time()) + 3600)
+            unsubscribe = signer.token(signer.recipient_key("r1@example.com"))
+            answers = {
+                "one-click": service.unsubscribe(unsubscribe),
+                "webhook": service.client.post("/webhooks/mailgun", content=json.dumps(hook)),
+                "confirm": service.client.post(f"/subscribe/confirm/{confirm}"),
+            }
+            for what, answer in answers.items():
+                assert answer.status_code == 503, (what, answer.status_code, answer.text)
+            filler.unlink()
+            assert dump(store) == before
+            assert service.unsubscribe(unsubscribe).status_code == 200  # the same store, space again
+        finally:
+            log = service.stop()
+        assert "Traceback" not in log, log
