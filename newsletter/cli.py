@@ -208,6 +208,28 @@ def make_parser() -> argparse.ArgumentParser:
     restore.add_argument("--until", metavar="TIME", type=_when, help="suppressed at or before TIME (ISO, UTC)")
     restore.add_argument("--dry-run", action="store_true", help="list what would be restored, change nothing")
     restore.set_defaults(run=run_subscribers_restore)
+
+    store = commands.add_parser("store", help="the store itself: its schema, and moving it",
+                                description="The store named by [store] url (PostgreSQL) or [store] path (SQLite).")
+    store_commands = store.add_subparsers(dest="action", metavar="ACTION", required=True)
+    info = store_commands.add_parser("info", parents=[common], help="which store, its schema and what it holds")
+    info.set_defaults(run=run_store_info)
+    migrate = store_commands.add_parser(
+        "migrate", parents=[common], help="upgrade the store's schema to this version's",
+        description="Upgrade the store to the schema this newsletter knows. A SQLite store is upgraded as it is "
+                    "opened; a shared PostgreSQL store only by this command, run once from any machine (tools "
+                    "older than the new schema then refuse the store: upgrade them too).")
+    migrate.set_defaults(run=run_store_migrate)
+    copy = store_commands.add_parser(
+        "copy", help="copy a store into a new, empty one (SQLite or PostgreSQL)",
+        description="Copy every subscriber, suppression, ledger row, send and event from SOURCE into TARGET, "
+                    "which must be empty, in one transaction, and check the counts of every table on both "
+                    "sides. Each is a SQLite file or a postgresql:// URL (its password from PGPASSWORD, "
+                    "~/.pgpass or a service file). Stop sends and `serve` first: what they write during the "
+                    "copy may be missed.")
+    copy.add_argument("source", metavar="SOURCE", help="a SQLite file or postgresql:// URL")
+    copy.add_argument("target", metavar="TARGET", help="a SQLite file or postgresql:// URL")
+    copy.set_defaults(run=run_store_copy)
     return parser
 
 
@@ -278,7 +300,7 @@ def run_check(args) -> int:
         fields = (csv_fields(args.list_csv), str(args.list_csv))
     else:
         try:
-            have = store_fields(config.store.path)
+            have = store_fields(config.store)
         except StoreError as exc:  # a store this check cannot read is no reason to fail it
             print(f"merge fields not checked: {exc}", file=sys.stderr)
             have = None
@@ -403,6 +425,8 @@ def run_send(args) -> int:
         which = "proofs in the outbox" if summary.destination == "outbox" else "deliveries"
         print(f"ledger ({which}): {c['sent']} sent, {c['pending']} pending, {c['deferred']} deferred, "
               f"{c['failed']} failed, {c['uncertain']} uncertain, {c['skipped']} skipped")
+    if summary.elsewhere:
+        print(f"{summary.elsewhere} still being sent by another `newsletter send` of this issue, running now")
     if summary.stopped:
         print(f"stopped: {summary.stopped}", file=sys.stderr)
     if summary.counts and not sum(summary.counts.values()):
@@ -416,7 +440,7 @@ def run_send(args) -> int:
     if run["failed"] or (summary.counts and summary.counts["uncertain"]):
         return EXIT_INVALID  # failed for good, or waiting for a decision on uncertain messages
     # What waits for the next run, by the ledger: a message deferred and then sent in this run does not.
-    if (summary.counts and (summary.counts["deferred"] or summary.counts["pending"])) or \
+    if (summary.counts and summary.counts["deferred"] + summary.counts["pending"] > summary.elsewhere) or \
             (not summary.counts and run["deferred"]):
         return EXIT_DEFERRED
     return EXIT_OK
@@ -474,9 +498,9 @@ def run_status(args) -> int:
 
 
 def _store(args):
-    from .store import Store
+    from .store import open_store
 
-    return Store(_load_config(args).store.path)
+    return open_store(_load_config(args).store)
 
 
 def run_subscribers_add(args) -> int:
@@ -572,6 +596,44 @@ def run_subscribers_restore(args) -> int:
     verb = "would be restored" if args.dry_run else "restored"
     print(f"{len(found)} address(es) {verb}", file=sys.stderr)
     return EXIT_OK if found else EXIT_INVALID
+
+
+def run_store_info(args) -> int:
+    from .store import SCHEMA_VERSION, table_counts
+
+    with _store(args) as store:
+        print(f"{store.kind} store: {store.where}")
+        print(f"schema {store.schema_version()} (this newsletter: {SCHEMA_VERSION})")
+        for table, n in table_counts(store).items():
+            print(f"  {table:<12} {n}")
+    return EXIT_OK
+
+
+def run_store_migrate(args) -> int:
+    from .store import open_store
+
+    with open_store(_load_config(args).store, migrating=True) as store:
+        before, now = store.migrate()
+        where = store.where
+    print(f"{where}: schema {before} upgraded to {now}" if before is not None else
+          f"{where}: schema {now}, already this newsletter's")
+    return EXIT_OK
+
+
+def run_store_copy(args) -> int:
+    from .errors import StoreError
+    from .store import copy_store, is_postgres_url, open_at
+
+    if not is_postgres_url(args.target) and Path(args.target).exists() and Path(args.target).stat().st_size:
+        raise StoreError(f"{args.target} already exists: copy into a new file")
+    if not is_postgres_url(args.source) and not Path(args.source).is_file():
+        raise StoreError(f"{args.source}: no such store")
+    with open_at(args.source) as source, open_at(args.target) as target:
+        counts = copy_store(source, target)
+        print(f"copied {source.where} to {target.where}, counts checked:")
+    for table, n in counts.items():
+        print(f"  {table:<12} {n}")
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,6 +134,26 @@ class RelativePath(Str):
     """A path; relative ones are taken from the settings file's folder (see load_config)."""
 
 
+class StoreUrl(Str):
+    """postgresql://user@host:port/dbname; never with the password, which libpq takes
+    from PGPASSWORD, ~/.pgpass or a service file."""
+
+    def validate(self, value):
+        value = super().validate(value)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 -- raises on a port that is not a number
+        except ValueError as exc:
+            raise ValueError(f"expected a URL like postgresql://news@db.example.com/news: {exc}") from None
+        if parts.scheme.lower() not in ("postgresql", "postgres"):
+            raise ValueError(f"expected a URL like postgresql://news@db.example.com/news, got a "
+                             f"{parts.scheme or 'schemeless'} URL")
+        if parts.password is not None or "password=" in parts.query.lower():
+            raise ValueError("the database password is never read from the settings: put it in PGPASSWORD, "
+                             "~/.pgpass or a libpq service file, and remove it from the URL")
+        return value
+
+
 class Secret(Str):
     """Read only from the environment, never from the file; its value is never echoed."""
 
@@ -270,6 +290,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
     },
     "store": {
         "path": RelativePath(default="newsletter.sqlite3", help="the SQLite file of subscribers and sends"),
+        "url": StoreUrl(help="a PostgreSQL store shared between machines, e.g. postgresql://news@db.example.com/news "
+                             "(the password from PGPASSWORD, ~/.pgpass or a service file; [store] path is "
+                             "then unused)"),
     },
     "serve": {
         "host": Str(default="127.0.0.1", help="the address `newsletter serve` listens on"),
@@ -409,6 +432,7 @@ class Design:
 @dataclass(frozen=True)
 class Store:
     path: Path
+    url: str | None = None
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from email.utils import getaddresses
 from .config import Config
 from .errors import ConfigError, NewsletterError
 from .outcome import COMPLAINT, HARD_BOUNCE, SOFT_BOUNCE, UNSUBSCRIBE, Event, bounce_kind
-from .store import Store
+from .store import Store, open_store
 from .tokens import TOKEN_LENGTH, Signer, TokenError
 
 __all__ = ["InboxError", "InboxSummary", "Verdict", "classify", "read_inbox"]
@@ -327,7 +327,7 @@ def read_inbox(config: Config) -> InboxSummary:
     except (OSError, imaplib.IMAP4.error) as exc:
         raise InboxError(f"{where}: cannot connect over {settings.security}: {exc}") from exc
     try:
-        with Store(config.store.path) as store:
+        with open_store(config.store) as store:
             _run(imap, _Reader(signer, store, config.send.bounce_address), settings, summary)
     except (OSError, imaplib.IMAP4.error) as exc:  # the password is never part of these
         raise InboxError(f"{where}: {exc}") from exc

@@ -126,14 +126,14 @@ def _template_line(templates: Path, field: str) -> tuple[Path, int]:
     return Path(templates) / EMAIL_TEMPLATE, 0
 
 
-def store_fields(store_path: Path) -> set[str] | None:
+def store_fields(settings) -> set[str] | None:
     """The merge fields the store's subscribed readers have; None when there is no store
     or nobody in it (then nothing can be said)."""
-    from .store import Store
+    from .store import open_store
 
-    if not Path(store_path).is_file():
+    if not settings.url and not Path(settings.path).is_file():
         return None
-    with Store(store_path) as store:
+    with open_store(settings) as store:
         names, anyone = set(), False
         for row in store.subscribers("subscribed"):
             anyone = True

@@ -15,9 +15,7 @@ pending for the next run.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
-import os
 import random
 import secrets
 import signal
@@ -36,7 +34,7 @@ from .outcome import (DEFERRED, DELIVERY, FAILED, SENDING, SENT, SKIPPED, UNCERT
 from .reader import read_issue
 from .recipients import CsvReport, Recipient, address_problem, normalize, read_csv
 from .render import Renderer
-from .store import Delivery, Store
+from .store import Delivery, Store, open_store
 from .tokens import Signer
 
 SECRET_HELP = ("NEWSLETTER_SECRET is not set; it signs the unsubscribe links. Make one with: "
@@ -65,6 +63,7 @@ class SendSummary:
     this_run: dict[str, int] = field(
         default_factory=lambda: {SENT: 0, DEFERRED: 0, FAILED: 0, SKIPPED: 0, UNCERTAIN: 0})
     found_in_flight: list[str] = field(default_factory=list)  # left `sending` by a run that died
+    elsewhere: int = 0  # rows not done that another running send of the issue has claimed (PostgreSQL)
     requeued: int = 0  # rows put back by --retry-failed or --resend-uncertain
     csv: CsvReport | None = None
     stopped: str | None = None  # why the run ended early, if it did
@@ -83,38 +82,6 @@ def make_signer(config: Config, allow_ephemeral: bool, warnings: list[str]) -> S
                         "these messages cannot be checked later. Set it before sending for real.")
         secret = secrets.token_urlsafe(32)
     return Signer(secret.encode("utf-8"), config.publication.list_id)
-
-
-class IssueLock:
-    """One send per issue at a time. flock is released by the kernel when the process dies."""
-
-    def __init__(self, store_path: Path, issue: str, dest: str = DELIVERY):
-        self.path = store_path.with_name(f"{store_path.name}.{issue}.{dest}.lock")
-        self.issue = issue
-
-    def __enter__(self):
-        try:
-            self.file = open(self.path, "a+")
-        except OSError as exc:  # the store's folder is read-only, or full
-            raise StoreError(f"{self.path}: cannot make the send's lock file beside the store: {exc.strerror}; "
-                             "the store's folder must be writable") from exc
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise StoreError(f"another `newsletter send` of {self.issue} is running ({holder}); "
-                             "wait for it to finish, or stop it (it resumes where it left off)") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()}")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
 
 
 def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | None = None,
@@ -138,23 +105,25 @@ def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | No
         summary.warnings += backend.warnings()
         return _send_test(factory, signer, test_addresses, backend, summary, dry_run, progress)
 
-    with Store(config.store.path) as store:
+    with open_store(config.store) as store:
         if dry_run:
             return _dry_run(store, factory, signer, to_csv, issue.stem, summary, progress)
-        with IssueLock(config.store.path, issue.stem, dest):
-            _check_unchanged(store, issue.stem, factory.digest, str(Path(issue_path).resolve()), allow_changed,
-                             dest)
-            summary.found_in_flight = [email for email, _ in store.in_flight(issue.stem, dest)]
-            store.settle_in_flight(issue.stem, dest)
-            if resend_uncertain:
-                summary.requeued += store.requeue(issue.stem, dest, UNCERTAIN, "resent (--resend-uncertain); was: ")
-            if retry_failed:
-                summary.requeued += store.requeue(issue.stem, dest, FAILED, "retried (--retry-failed); was: ")
-            if to_csv:
-                summary.csv = CsvReport()
-                store.enqueue(issue.stem, read_csv(to_csv, summary.csv), signer.recipient_key, dest=dest)
-            else:
-                store.enqueue_subscribers(issue.stem, signer.recipient_key, dest)
+        # SQLite: the only send of this issue; PostgreSQL: one of any number, claiming rows
+        with store.sender_lock(issue.stem, dest):
+            with store.startup_lock(issue.stem, dest):
+                _check_unchanged(store, issue.stem, factory.digest, str(Path(issue_path).resolve()), allow_changed,
+                                 dest)
+                summary.found_in_flight = store.settle_in_flight(issue.stem, dest)
+                if resend_uncertain:
+                    summary.requeued += store.requeue(issue.stem, dest, UNCERTAIN,
+                                                      "resent (--resend-uncertain); was: ")
+                if retry_failed:
+                    summary.requeued += store.requeue(issue.stem, dest, FAILED, "retried (--retry-failed); was: ")
+                if to_csv:
+                    summary.csv = CsvReport()
+                    store.enqueue(issue.stem, read_csv(to_csv, summary.csv), signer.recipient_key, dest=dest)
+                else:
+                    store.enqueue_subscribers(issue.stem, signer.recipient_key, dest)
             backend = backend or get_backend(backend_name, config, issue.stem)
             summary.backend_detail = backend.describe()
             summary.warnings += backend.warnings()
@@ -165,6 +134,7 @@ def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | No
             finally:
                 progress.finish()
             summary.counts = store.counts(issue.stem, dest)
+            summary.elsewhere = store.claimed_elsewhere(issue.stem, dest)
     return summary
 
 
@@ -227,6 +197,10 @@ async def _deliver(store: Store, issue: str, dest: str, factory: MessageFactory,
             await run.one_pass(workers)
             if stop.is_set():
                 break
+            died, freed = store.settle_peers(issue, dest)
+            summary.found_in_flight += died
+            if freed:  # another sender of this issue died: its rows are this run's now
+                continue
             next_try = store.next_retry(issue, dest)
             if next_try is None:
                 break
@@ -323,12 +297,16 @@ class _Run:
                     break  # that was the end of the queue
                 batch = following if marked else None
 
+        # Alone, a run reads a big batch at a time; beside other senders of the issue, it
+        # claims only what its workers will soon send, so that all of them share the list.
+        claim_size = max(self.settings.batch_size, batch_size) if not store.shared else \
+            min(self.settings.batch_size, max(batch_size, 8 * len(workers)))
         tasks = [asyncio.create_task(work(w)) for w in workers]
         try:
             after = 0
             pending: list = []
             while not stop.is_set():
-                rows = store.due(self.issue, max(self.settings.batch_size, batch_size), after_id=after,
+                rows = store.claim(self.issue, claim_size, after_id=after,
                                  dest=self.dest)
                 if not rows:
                     break
@@ -468,6 +446,6 @@ class Status:
 
 def status_of(config: Config, issue: str) -> Status:
     stem = Path(issue).stem if issue.endswith((".yaml", ".yml")) else issue
-    with Store(config.store.path) as store:
+    with open_store(config.store) as store:
         return Status(store.destinations(stem), store.sent_via(stem), store.problems(stem),
                       store.in_flight(stem))

@@ -1,4 +1,5 @@
-"""The embedded store: one SQLite file with subscribers, suppressions and the send ledger.
+"""The store: subscribers, suppressions and the send ledger, in one SQLite file (the
+embedded default) or in PostgreSQL (store_pg.py, for a store shared between machines).
 
     subscribers   one row per address: name, merge fields, status and when/how it changed
     suppressions  addresses never to send to (hard bounces, complaints, manual blocks)
@@ -13,13 +14,20 @@ pending -> sending -> sent | deferred | failed | uncertain ; pending -> skipped.
 A row becomes `sending` (committed) just before its message goes out, and `sent` only
 after the server's 250 to DATA. WAL mode with synchronous=NORMAL: a commit survives the
 process being killed, which is the failure this ledger is built for. The schema's
-version is SQLite's user_version; older stores are upgraded when opened.
+version is SQLite's user_version; older stores are upgraded when opened (a shared
+PostgreSQL store waits for `newsletter store migrate`), and a store newer than this tool
+is refused.
+
+`Store` holds the behaviour both databases share, in SQL both run (`?` placeholders,
+ON CONFLICT), and opens SQLite; `PostgresStore` changes how it connects, locks and
+claims work. `open_store(settings)` picks one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import sqlite3
@@ -32,7 +40,7 @@ from .outcome import DELIVERY, PROOF, RECIPIENT, STATES, Event, event_effect
 from .recipients import Recipient
 
 STATUSES = ("subscribed", "unsubscribed", "bounced", "complained")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: deliveries.claimed_by, the sender that claimed a row
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS subscribers (
@@ -66,6 +74,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     reply       TEXT,
     next_try    REAL NOT NULL DEFAULT 0,
     updated_at  TEXT NOT NULL,
+    claimed_by  INTEGER,            -- the send run that claimed it (PostgreSQL: several senders)
     UNIQUE (issue, destination, email)
 );
 -- Sends read an issue's rows in id order: (issue, destination, id) finds the next batch at
@@ -148,8 +157,16 @@ class _Connection(sqlite3.Connection):
 
 
 class Store:
+    kind = "SQLite"
+    shared = False  # whether several sends of an issue may run at once
+    _begin = "BEGIN IMMEDIATE"  # takes the write lock at once: no deadlock between two writers
+    _contains = "instr({}, {}) > 0"
+    _unlimited = -1  # LIMIT that means no limit
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.where = str(self.path)  # for messages
+        self.upgraded_from: int | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30, factory=_Connection)
@@ -163,20 +180,32 @@ class Store:
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"{self.path}: cannot open the store: {_why(self.path, exc)}") from exc
 
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _too_new(self, version: int) -> StoreError:
+        return StoreError(f"{self.where}: made by a newer newsletter (schema {version}; this one knows "
+                          f"{SCHEMA_VERSION}): upgrade newsletter to use it")
+
+    def migrate(self) -> tuple[int | None, int]:
+        """`newsletter store migrate`: (the version it had, the version it has now); an
+        embedded store is upgraded as it is opened, so this reports what opening did."""
+        return self.upgraded_from, self.schema_version()
+
     def _upgrade(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        version = self.schema_version()
         if version > SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: made by a newer newsletter (schema {version}; this one knows "
-                             f"{SCHEMA_VERSION}): upgrade newsletter to use it")
+            raise self._too_new(version)
         if version == SCHEMA_VERSION:
             return
         with self.transaction():
             # Again, now that no one else can write: another process (serve and send, opened
             # together) may have upgraded it meanwhile, and the version-0 migration must not
             # run over an upgraded ledger.
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            version = self.schema_version()
             if version == SCHEMA_VERSION:
                 return
+            self.upgraded_from = version
             old = version == 0 and self.db.execute(
                 "SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone()
             if old:
@@ -189,6 +218,9 @@ class Store:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self.db.execute(statement)  # not executescript: it would commit half-way
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(deliveries)")}
+            if "claimed_by" not in columns:  # versions 1 and 2
+                self.db.execute("ALTER TABLE deliveries ADD COLUMN claimed_by INTEGER")
             if old:
                 self.db.execute(
                     "INSERT INTO deliveries (id, issue, destination, email, name, fields, rkey, state, attempts,"
@@ -207,7 +239,9 @@ class Store:
     def check_writable(self) -> None:
         """StoreError now if this store cannot be written (read-only file, folder or mount),
         rather than at a reader's first click. Writes the header's version as it is, and
-        rolls back: nothing changes."""
+        rolls back: nothing changes. (A database server says so at its first write.)"""
+        if self.kind != "SQLite":
+            return
         self.db.execute("BEGIN IMMEDIATE")
         try:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -225,7 +259,21 @@ class Store:
         """BEGIN IMMEDIATE ... COMMIT; `needed=False` for a single statement, which
         commits on its own (half the cost per message on the SMTP path). Inside another
         transaction it joins that one (serve commits a round of unsubscribes at once)."""
-        return _Transaction(self.db) if needed and not self.db.in_transaction else contextlib.nullcontext(self.db)
+        return _Transaction(self.db, self._begin) if needed and not self.db.in_transaction \
+            else contextlib.nullcontext(self.db)
+
+    def _pages(self, sql: str, args: tuple, page: int = 5000) -> Iterator[tuple]:
+        """Rows of `sql` (whose first column is the unique email it is ordered by; `args`
+        fill its placeholders before {after} and LIMIT), a page
+        at a time by key: a million rows are never held at once, and the connection stays
+        free for other queries between pages (a send checks each page against the store)."""
+        last = ""
+        while True:
+            rows = self.db.execute(sql.format(after="email > ?"), (*args, last, page)).fetchall()
+            yield from rows
+            if len(rows) < page:
+                return
+            last = rows[-1][0]
 
     # -- subscribers -------------------------------------------------------------------------
 
@@ -238,12 +286,15 @@ class Store:
         row = self.db.execute("SELECT status FROM subscribers WHERE email = ?", (recipient.email,)).fetchone()
         fields = json.dumps(recipient.fields, sort_keys=True) if recipient.fields else None
         if row is None:
-            self.db.execute(
+            cur = self.db.execute(
                 "INSERT INTO subscribers (email, name, fields, status, changed_at, changed_how)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (recipient.email, recipient.name, fields, recipient.status, recipient.changed_at or now_iso(),
                  recipient.changed_how or how))  # an export's own history is kept
-            return "added" if recipient.status == "subscribed" else recipient.status
+            if cur.rowcount:
+                return "added" if recipient.status == "subscribed" else recipient.status
+            # another process (a shared store's other service) added them meanwhile
+            row = self.db.execute("SELECT status FROM subscribers WHERE email = ?", (recipient.email,)).fetchone()
         if recipient.status != "subscribed":
             self.set_status(recipient.email, recipient.status, how)
             return recipient.status
@@ -264,12 +315,13 @@ class Store:
         return cur.rowcount > 0
 
     def suppress(self, email: str, reason: str, at: str | None = None) -> None:
-        self.db.execute("INSERT OR IGNORE INTO suppressions (email, reason, created_at) VALUES (?, ?, ?)",
+        self.db.execute("INSERT INTO suppressions (email, reason, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                         (email, reason, at or now_iso()))
 
     def suppressions(self) -> Iterator[tuple[str, str, str]]:
         """(email, reason, created_at), in address order."""
-        yield from self.db.execute("SELECT email, reason, created_at FROM suppressions ORDER BY email")
+        yield from self._pages("SELECT email, reason, created_at FROM suppressions WHERE {after}"
+                               " ORDER BY email LIMIT ?", ())
 
     def suppressed(self, email: str) -> bool:
         return self.db.execute("SELECT 1 FROM suppressions WHERE email = ?", (email,)).fetchone() is not None
@@ -286,11 +338,9 @@ class Store:
 
     def subscribers(self, status: str | None = None) -> Iterator[tuple]:
         """(email, name, fields, status, changed_at, changed_how), streamed in address order."""
-        sql = "SELECT email, name, fields, status, changed_at, changed_how FROM subscribers"
-        args: tuple = ()
-        if status:
-            sql, args = sql + " WHERE status = ?", (status,)
-        yield from self.db.execute(sql + " ORDER BY email", args)
+        which = "status = ? AND " if status else ""
+        yield from self._pages("SELECT email, name, fields, status, changed_at, changed_how FROM subscribers"
+                               f" WHERE {which}{{after}} ORDER BY email LIMIT ?", (status,) if status else ())
 
     def count_subscribers(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT status, count(*) FROM subscribers GROUP BY status"))
@@ -307,7 +357,7 @@ class Store:
             where.append(f"email IN ({','.join('?' * len(emails))})")
             args += emails
         if reply:
-            where.append("instr(lower(reason), lower(?)) > 0")
+            where.append(self._contains.format("lower(reason)", "lower(?)"))
             args.append(reply)
         if since:
             where.append("created_at >= ?")
@@ -347,7 +397,8 @@ class Store:
         effect = event_effect(event)
         if event.event_id is not None:
             cur = self.db.execute(
-                "INSERT OR IGNORE INTO events (source, event_id, kind, email, received_at) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO events (source, event_id, kind, email, received_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
                 (event.source, event.event_id, event.kind, event.email, now_iso()))
             if not cur.rowcount:
                 return False  # a replay
@@ -396,8 +447,8 @@ class Store:
             nonlocal added
             with self.transaction():
                 cur = self.db.executemany(
-                    "INSERT OR IGNORE INTO deliveries (issue, destination, email, name, fields, rkey, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    "INSERT INTO deliveries (issue, destination, email, name, fields, rkey, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
                 added += cur.rowcount
             rows.clear()
 
@@ -457,27 +508,69 @@ class Store:
                 f" attempts = attempts + ? WHERE id IN ({','.join('?' * len(chunk))})",
                 (state, reply, next_try, stamp, fault, via, counted, *chunk))
 
+    def read_table(self, table: str, columns: tuple[str, ...], chunk: int) -> Iterator[list[tuple]]:
+        """Every row of a table, in lists of `chunk` (store copy)."""
+        cur = self.db.execute(f"SELECT {', '.join(columns)} FROM {table}")
+        while rows := cur.fetchmany(chunk):
+            yield rows
+
+    def after_copy(self) -> None:
+        """What a store needs after rows were copied in with their ids."""
+
     def in_flight(self, issue: str, dest: str = DELIVERY) -> list[tuple[str, str | None]]:
         return self.db.execute("SELECT email, updated_at FROM deliveries WHERE issue = ? AND destination = ?"
                                " AND state = 'sending' ORDER BY id", (issue, dest)).fetchall()
 
-    def settle_in_flight(self, issue: str, dest: str = DELIVERY) -> int:
+    # -- one send run: its lock, and the rows it claims ------------------------------------------
+    # SQLite: one sender per issue (a lock file), so the rows due are its own. PostgreSQL
+    # (store_pg.py): any number of senders, each claiming batches of rows for itself.
+
+    def sender_lock(self, issue: str, dest: str = DELIVERY):
+        """Held for the whole run: here, the only send of this issue."""
+        return _LockFile(self.path.with_name(f"{self.path.name}.{issue}.{dest}.lock"), issue)
+
+    def startup_lock(self, issue: str, dest: str = DELIVERY):
+        """Held while a run settles what the last one left and fills the ledger."""
+        return contextlib.nullcontext()
+
+    def claim(self, issue: str, batch_size: int, after_id: int = 0, now: float | None = None,
+              dest: str = DELIVERY) -> list[Delivery]:
+        """The next rows this run is to send; no other run will take them."""
+        return self.due(issue, batch_size, after_id, now, dest)
+
+    def settle_in_flight(self, issue: str, dest: str = DELIVERY) -> list[str]:
         """Rows left `sending` by a send that was killed: their message may have gone out.
-        A proof is written again; a delivery becomes uncertain, never resent by itself."""
+        A proof is written again; a delivery becomes uncertain, never resent by itself.
+        Returns their addresses."""
+        with self.transaction():
+            found = [email for email, _ in self.in_flight(issue, dest)]
+            self._settle(issue, dest, "")
+        return found
+
+    def claimed_elsewhere(self, issue: str, dest: str = DELIVERY) -> int:
+        """Rows not done that another running send has claimed: none here."""
+        return 0
+
+    def settle_peers(self, issue: str, dest: str = DELIVERY) -> tuple[list[str], int]:
+        """settle_in_flight for the runs that died while this one ran (none here, where a
+        run is alone): the addresses settled, and how many rows it gave this run to do."""
+        return [], 0
+
+    def _settle(self, issue: str, dest: str, which: str, *args):
         if dest == PROOF:
             state, reply = "pending", "interrupted while writing; written again"
         else:
             state, reply = "uncertain", "in flight when a send stopped: it may have been delivered"
-        cur = self.db.execute(
+        return self.db.execute(
             "UPDATE deliveries SET state = ?, reply = ?, fault = 'server', updated_at = ?"
-            " WHERE issue = ? AND destination = ? AND state = 'sending'", (state, reply, now_iso(), issue, dest))
-        return cur.rowcount
+            f" WHERE issue = ? AND destination = ? AND state = 'sending'{which}",
+            (state, reply, now_iso(), issue, dest, *args))
 
     def requeue(self, issue: str, dest: str, state: str, reply_prefix: str) -> int:
         """Put rows back to pending: `uncertain` ones (--resend-uncertain), or `failed` ones
         whose failure was not the recipient's own (--retry-failed)."""
         assert state in ("uncertain", "failed")
-        theirs = " AND fault IS NOT 'recipient'" if state == "failed" else ""
+        theirs = " AND (fault IS NULL OR fault != 'recipient')" if state == "failed" else ""
         cur = self.db.execute(
             "UPDATE deliveries SET state = 'pending', attempts = 0, reply = ? || coalesce(reply, ''),"
             f" updated_at = ? WHERE issue = ? AND destination = ? AND state = ?{theirs}",
@@ -487,8 +580,8 @@ class Store:
     def send_digest(self, issue: str, digest: str, source: str, replace: bool = False,
                     dest: str = DELIVERY) -> tuple[str, str | None]:
         """The digest and source file this send began with (recorded now if it is the first run)."""
-        self.db.execute("INSERT OR IGNORE INTO sends (issue, destination, digest, source, started_at)"
-                        " VALUES (?, ?, ?, ?, ?)", (issue, dest, digest, source, now_iso()))
+        self.db.execute("INSERT INTO sends (issue, destination, digest, source, started_at)"
+                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", (issue, dest, digest, source, now_iso()))
         if replace:
             self.db.execute("UPDATE sends SET digest = ?, source = ? WHERE issue = ? AND destination = ?",
                             (digest, source, issue, dest))
@@ -508,8 +601,8 @@ class Store:
         return found
 
     def sent_via(self, issue: str, dest: str = DELIVERY) -> dict[str, int]:
-        return dict(self.db.execute("SELECT coalesce(via, '?'), count(*) FROM deliveries WHERE issue = ?"
-                                    " AND destination = ? AND state = 'sent' GROUP BY via", (issue, dest)))
+        return dict(self.db.execute("SELECT coalesce(via, ?), count(*) FROM deliveries WHERE issue = ?"
+                                    " AND destination = ? AND state = 'sent' GROUP BY via", ("?", issue, dest)))
 
     def problems(self, issue: str, limit: int = 50, dest: str = DELIVERY) -> list[tuple[str, str, str, int, str]]:
         return self.db.execute(
@@ -518,12 +611,43 @@ class Store:
             " ORDER BY state, email LIMIT ?", (issue, dest, limit)).fetchall()
 
 
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
+class _LockFile:
+    """One send per issue at a time. flock is released by the kernel when the process dies."""
+
+    def __init__(self, path: Path, issue: str):
+        self.path, self.issue = path, issue
 
     def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as exc:  # the store's folder is read-only, or full
+            raise StoreError(f"{self.path}: cannot make the send's lock file beside the store: {exc.strerror}; "
+                             "the store's folder must be writable") from exc
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise StoreError(f"another `newsletter send` of {self.issue} is running ({holder}); "
+                             "wait for it to finish, or stop it (it resumes where it left off)") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+class _Transaction:
+    def __init__(self, db, begin: str):
+        self.db, self.begin = db, begin
+
+    def __enter__(self):
+        self.db.execute(self.begin)
         return self.db
 
     def __exit__(self, exc_type, exc, tb):
@@ -539,3 +663,65 @@ class _Transaction:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             raise
+
+
+# What a store's database may raise beyond StoreError (the web service answers 503).
+DB_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,)
+try:
+    import psycopg
+    DB_ERRORS += (psycopg.Error,)
+except ImportError:
+    pass
+
+
+# -- choosing and moving a store -----------------------------------------------------------------
+
+def is_postgres_url(where: str) -> bool:
+    return str(where).split(":", 1)[0].lower() in ("postgresql", "postgres")
+
+
+def open_at(where: str | Path, migrating: bool = False) -> Store:
+    """The store at a SQLite path or a postgresql:// URL; `migrating` (store migrate)
+    opens a shared store whose schema is older than this tool's."""
+    if is_postgres_url(str(where)):
+        from .store_pg import PostgresStore
+        return PostgresStore(str(where), migrating)
+    return Store(where)
+
+
+def open_store(settings, migrating: bool = False) -> Store:
+    """The store the settings name: [store] url when given (PostgreSQL), else [store] path."""
+    return open_at(settings.url or settings.path, migrating)
+
+
+# Every column of every table, in the order copy_store moves them.
+TABLES = {
+    "subscribers": ("id", "email", "name", "fields", "status", "changed_at", "changed_how"),
+    "suppressions": ("email", "reason", "created_at"),
+    "deliveries": ("id", "issue", "destination", "email", "name", "fields", "rkey", "state", "fault", "via",
+                   "attempts", "reply", "next_try", "updated_at", "claimed_by"),
+    "sends": ("issue", "destination", "digest", "source", "started_at"),
+    "events": ("source", "event_id", "kind", "email", "received_at"),
+}
+
+
+def table_counts(store: Store) -> dict[str, int]:
+    return {table: store.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in TABLES}
+
+
+def copy_store(source: Store, target: Store, chunk: int = 5000) -> dict[str, int]:
+    """Copy every row of `source` into `target`, which must be empty, in one transaction;
+    then check the counts of every table on both sides. Returns them."""
+    if held := {t: n for t, n in table_counts(target).items() if n}:
+        raise StoreError(f"{target.where} is not empty ({', '.join(f'{n} {t}' for t, n in held.items())}): "
+                         "copy into a new store")
+    with target.transaction():
+        for table, columns in TABLES.items():
+            insert = (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})")
+            for rows in source.read_table(table, columns, chunk):
+                target.db.executemany(insert, rows)
+        target.after_copy()
+    copied, found = table_counts(source), table_counts(target)
+    if copied != found:
+        raise StoreError(f"the copy does not match: {source.where} has {copied}, {target.where} has {found}")
+    return found

@@ -53,10 +53,12 @@ def example(renderer):
 
 
 def run_cli(*args, cwd=ROOT, env=None):
-    """`python -m newsletter ARGS` as a user runs it; NEWSLETTER_* from the outside left out."""
+    """`python -m newsletter ARGS` as a user runs it; NEWSLETTER_* from the outside left out
+    (but the store of the backend under test, see store_backend)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
     result = subprocess.run([sys.executable, "-m", "newsletter", *map(str, args)], cwd=cwd,
-                            env={**base, **(env or {})}, capture_output=True, text=True, timeout=60)
+                            env={**base, **store_env(), **(env or {})}, capture_output=True, text=True,
+                            timeout=60)
     assert "Traceback" not in result.stderr + result.stdout
     return result
 
@@ -72,15 +74,21 @@ def project(tmp_path):
 
 
 def config_for(env):
-    """The repository's settings with these environment overrides (nothing else)."""
+    """The repository's settings with these environment overrides (nothing else, but the
+    store of the backend under test)."""
     from newsletter.config import load_config
-    return load_config(ROOT / "newsletter.toml", environ=env)
+    return load_config(ROOT / "newsletter.toml", environ={**store_env(), **env})
+
+
+def store_of(config):
+    """The store the settings name, SQLite or PostgreSQL."""
+    from newsletter.store import open_store
+    return open_store(config.store)
 
 
 def subscribe(config, addresses):
     from newsletter.recipients import Recipient
-    from newsletter.store import Store
-    with Store(config.store.path) as store:
+    with store_of(config) as store:
         for address in addresses:
             store.add(Recipient(address, f"Reader {address.split('@')[0]}"), "test")
 
@@ -97,3 +105,55 @@ def require(what: str, present: bool) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{what} is not installed, and CI=true: .ci/run must install it")
     pytest.skip(f"{what} is not installed")
+
+
+# -- the store under test ------------------------------------------------------------------------
+# A test module that uses the fixture `store_backend` (pytestmark = usefixtures) runs each
+# test twice: on SQLite, and on a database of its own in a throwaway PostgreSQL server
+# (tests/pg_server.py). config_for and run_cli then name that store; tests open it with
+# store_of(config). Tests marked sqlite_only (SQLite's own schema upgrades) run once.
+
+_STORE_URL: dict[str, str | None] = {"url": None}
+
+
+def store_env() -> dict[str, str]:
+    return {"NEWSLETTER_STORE_URL": _STORE_URL["url"]} if _STORE_URL["url"] else {}
+
+
+def pytest_generate_tests(metafunc):
+    if "store_backend" in metafunc.fixturenames:
+        both = not metafunc.definition.get_closest_marker("sqlite_only")
+        metafunc.parametrize("store_backend", ["sqlite", "postgresql"] if both else ["sqlite"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    import pg_server as pg
+    require("PostgreSQL (Debian's postgresql)", pg.installed())
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        require("psycopg", False)
+    with pg.PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def new_store(tmp_path, store_backend):
+    """Opens the store under test: a SQLite file in tmp_path, or this test's PostgreSQL database."""
+    from newsletter.store import open_at
+    return lambda: open_at(_STORE_URL["url"] or tmp_path / "store.sqlite3")
+
+
+@pytest.fixture
+def store_backend(request, monkeypatch):
+    if request.param == "sqlite":
+        yield "sqlite"
+        return
+    server = request.getfixturevalue("pg_server")
+    monkeypatch.setenv("PGPASSWORD", server.env()["PGPASSWORD"])
+    _STORE_URL["url"] = server.new_database()
+    try:
+        yield "postgresql"
+    finally:
+        _STORE_URL["url"] = None

@@ -2,17 +2,18 @@
 
 import pytest
 
-from conftest import addresses, config_for, subscribe
+from conftest import addresses, config_for, store_of, subscribe
 from newsletter.outcome import COMPLAINT, HARD_BOUNCE, SOFT_BOUNCE, UNSUBSCRIBE, Event
-from newsletter.store import Store
 from test_send import settings_env
+
+pytestmark = pytest.mark.usefixtures("store_backend")  # each test on SQLite and on PostgreSQL
 
 
 @pytest.fixture
 def store(tmp_path):
     config = config_for(settings_env(tmp_path, 1))
     subscribe(config, addresses(4))
-    with Store(config.store.path) as store:
+    with store_of(config) as store:
         for address in addresses(4):
             store.db.execute("INSERT INTO deliveries (issue, email, rkey, state, updated_at) VALUES (?, ?, ?, 'sent', 't')",
                              ("issue", address, f"key-{address}"))

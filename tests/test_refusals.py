@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from conftest import EXAMPLE, addresses, config_for, run_cli, subscribe
+from conftest import EXAMPLE, addresses, config_for, run_cli, store_of, subscribe
 from newsletter.errors import SendError, StoreError
 from newsletter.sender import send_issue
 from newsletter.store import SCHEMA_VERSION, Store
@@ -17,6 +17,8 @@ from test_send import settings_env
 
 SENDER = "brief@watchman.example"
 
+pytestmark = pytest.mark.usefixtures("store_backend")  # each test on SQLite and on PostgreSQL
+
 
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory):
@@ -24,7 +26,7 @@ def cert(tmp_path_factory):
 
 
 def ledger(config):
-    with Store(config.store.path) as store:
+    with store_of(config) as store:
         states = dict(store.db.execute("SELECT email, state FROM deliveries WHERE destination = 'mail'"))
         statuses = dict(store.db.execute("SELECT email, status FROM subscribers"))
         suppressed = {e for (e,) in store.db.execute("SELECT email FROM suppressions")}
@@ -113,7 +115,7 @@ def test_only_the_recipients_own_failure_suppresses_them(tmp_path, cert):
     assert {a for a, s in statuses.items() if s != "subscribed"} == suppressed
     assert {a for a, s in states.items() if s == "failed"} == set(gone)  # full, or a policy: failed, kept
     assert summary.counts["sent"] == 8 and len(handler.received) == 8
-    with Store(config.store.path) as store:
+    with store_of(config) as store:
         faults = dict(store.db.execute("SELECT email, fault FROM deliveries WHERE state = 'failed'"))
     assert faults == {"r3@example.com": "recipient", "r7@example.com": "recipient",
                       "r8@example.com": "recipient", "r9@example.com": "server"}
@@ -147,7 +149,7 @@ def test_the_breaker_stops_a_run_that_gets_the_same_refusal_for_everyone(tmp_pat
 def test_restore_never_lifts_an_unsubscribe_or_every_suppression_at_once(tmp_path):
     config = config_for(settings_env(tmp_path, 1))
     subscribe(config, addresses(3))
-    with Store(config.store.path) as store:
+    with store_of(config) as store:
         store.suppress("r0@example.com", "550 5.1.1 no such user")
         store.set_status("r0@example.com", "bounced", "send")
         store.suppress("r1@example.com", "complaint")

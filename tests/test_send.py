@@ -12,11 +12,12 @@ import time
 
 import pytest
 
-from conftest import EXAMPLE, ROOT, addresses, config_for, subscribe
+from conftest import EXAMPLE, ROOT, addresses, config_for, store_env, store_of, subscribe
 from newsletter.errors import SendError, StoreError
 from newsletter.sender import send_issue
-from newsletter.store import Store
 from smtp_server import PASSWORD, USER, Handler, Server, make_certificate
+
+pytestmark = pytest.mark.usefixtures("store_backend")  # each test on SQLite and on PostgreSQL
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_server_replies_are_honoured(tmp_path, cert, pipelining):
         subscribe(config, everyone)
         summary = send_issue(EXAMPLE, config)
         delivered = handler.delivered()
-        with Store(config.store.path) as store:
+        with store_of(config) as store:
             states = {e: (s, r, a) for e, s, r, a in
                       store.db.execute("SELECT email, state, reply, attempts FROM deliveries")}
             bounced = dict(store.db.execute("SELECT email, status FROM subscribers WHERE status != 'subscribed'"))
@@ -140,7 +141,7 @@ def test_untrusted_certificate_stops_before_anything_is_sent(tmp_path, cert):
         subscribe(config, addresses(3))
         with pytest.raises(SendError, match="certificate is not trusted"):
             send_issue(EXAMPLE, config)
-        with Store(config.store.path) as store:
+        with store_of(config) as store:
             assert store.counts(EXAMPLE.stem)["pending"] == 3
         assert handler.received == []
         # Turning verification off is an explicit, visible choice.
@@ -166,7 +167,7 @@ def test_wrong_password_is_reported_without_the_password(tmp_path, cert):
         with pytest.raises(SendError) as caught:
             send_issue(EXAMPLE, config)
         assert "login refused: 535" in str(caught.value) and "hunter2" not in str(caught.value)
-        with Store(config.store.path) as store:
+        with store_of(config) as store:
             assert store.counts(EXAMPLE.stem)["pending"] == 2
 
 
@@ -175,12 +176,12 @@ def test_unsubscribed_and_suppressed_addresses_are_never_sent_to(tmp_path, cert)
     with Server(handler, tls=cert) as server:
         config = config_for(settings_env(tmp_path, server.port, cert, send_max_wait=0))
         subscribe(config, addresses(5))
-        with Store(config.store.path) as store:
+        with store_of(config) as store:
             store.set_status("r2@example.com", "unsubscribed", "test")
             store.suppress("R3@EXAMPLE.COM", "complaint")
         first = send_issue(EXAMPLE, config)  # r1 deferred; max_wait 0 ends the run
         assert first.counts["deferred"] == 1 and first.stopped
-        with Store(config.store.path) as store:  # r1 unsubscribes before the retry
+        with store_of(config) as store:  # r1 unsubscribes before the retry
             store.set_status("r1@example.com", "unsubscribed", "one-click")
         time.sleep(0.2)
         second = send_issue(EXAMPLE, config)
@@ -195,13 +196,13 @@ def test_send_to_a_csv_list(tmp_path, cert):
     handler = Handler()
     with Server(handler, tls=cert) as server:
         config = config_for(settings_env(tmp_path, server.port, cert))
-        with Store(config.store.path) as store:
+        with store_of(config) as store:
             store.suppress("sup@example.com", "hard bounce")
         summary = send_issue(EXAMPLE, config, to_csv=csv_file)
     assert handler.delivered() == {"ana@example.com": 1, "bo@example.org": 1}
     assert summary.csv.invalid == [(3, "not an address", "expected an address like name@example.com")]
     assert summary.csv.duplicates == 1
-    with Store(config.store.path) as store:
+    with store_of(config) as store:
         assert list(store.subscribers()) == []  # a one-off list does not become subscribers
 
 
@@ -214,7 +215,7 @@ def test_test_send_and_dry_run_record_nothing(tmp_path, cert):
         assert dry.built == 4 and handler.received == []
         test = send_issue(EXAMPLE, config, test_addresses=["editor@example.com", "proof@example.org"])
         assert test.this_run["sent"] == 2
-        with Store(config.store.path) as store:
+        with store_of(config) as store:
             assert sum(store.counts(EXAMPLE.stem).values()) == 0
     assert set(handler.delivered()) == {"editor@example.com", "proof@example.org"}
     subject = email.message_from_bytes(handler.received[0].data, policy=email.policy.default)["Subject"]
@@ -234,7 +235,7 @@ def test_a_real_send_needs_the_secret(tmp_path, cert):
 
 def cli(args, env, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "newsletter", *map(str, args)], cwd=ROOT,
-                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **store_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **kwargs)
 
 
@@ -257,7 +258,7 @@ def test_killed_send_resumes_without_losing_or_doubling_anyone(tmp_path, cert):
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
         time.sleep(0.3)  # let the server finish what it was in the middle of
-        with Store(config.store.path) as store:
+        with store_of(config) as store:
             counts = store.counts(EXAMPLE.stem)
             called_sent = {e for (e,) in store.db.execute("SELECT email FROM deliveries WHERE state = 'sent'")}
             in_flight = {e for e, _ in store.in_flight(EXAMPLE.stem)}
@@ -268,7 +269,7 @@ def test_killed_send_resumes_without_losing_or_doubling_anyone(tmp_path, cert):
 
         resumed = cli(["send", EXAMPLE], env)
         out, err = resumed.communicate(timeout=60)
-        with Store(config.store.path) as store:
+        with store_of(config) as store:
             uncertain = {e for (e,) in store.db.execute("SELECT email FROM deliveries WHERE state = 'uncertain'")}
         # The rows in flight at the kill may have been delivered: reported, never resent by themselves.
         assert uncertain == in_flight
@@ -289,10 +290,11 @@ def test_killed_send_resumes_without_losing_or_doubling_anyone(tmp_path, cert):
     for address in doubled:  # and then with the same Message-ID, so the receiver can drop it
         ids = {email.message_from_bytes(r.data)["Message-ID"] for r in handler.received if r.recipient == address}
         assert len(ids) == 1
-    with Store(config.store.path) as store:
+    with store_of(config) as store:
         assert store.counts(EXAMPLE.stem)["sent"] == 150
 
 
+@pytest.mark.sqlite_only  # on PostgreSQL two sends split the list (test_store_pg.py)
 def test_a_second_send_of_the_same_issue_refuses(tmp_path, cert):
     handler = Handler(delay=0.05)
     with Server(handler, tls=cert) as server:
@@ -307,7 +309,7 @@ def test_a_second_send_of_the_same_issue_refuses(tmp_path, cert):
         first.send_signal(signal.SIGTERM)  # stops cleanly after the message in flight
         out, err = first.communicate(timeout=30)
         assert "stopped: stopped by SIGTERM" in err
-        with Store(config_for(env).store.path) as store:
+        with store_of(config_for(env)) as store:
             counts = store.counts(EXAMPLE.stem)
         assert counts["sending"] == 0 and counts["sent"] == len(handler.received) < 40
         assert first.returncode == 75  # EX_TEMPFAIL: the rest waits for the next run
@@ -356,7 +358,7 @@ def test_a_send_resumed_after_the_issue_changed_refuses_unless_allowed(tmp_path)
                      encoding="utf-8")
     with pytest.raises(StoreError, match="has changed since its send began \\(2 already sent\\)"):
         send_issue(issue, config)
-    with Store(config.store.path) as store:
+    with store_of(config) as store:
         assert store.counts(EXAMPLE.stem, "outbox")["sent"] == 2  # refused before anything was sent
     summary = send_issue(issue, config, allow_changed=True)
     assert summary.this_run["sent"] == 1 and summary.counts["sent"] == 3
@@ -385,5 +387,5 @@ def test_a_bug_in_recording_the_last_message_ends_the_send_instead_of_hanging(tm
         thread.join(timeout=20)
         assert not thread.is_alive(), "the send hung"
     assert raised and len(handler.received) == 1
-    with Store(config.store.path) as store:  # sent, but not recorded as sent: the next run says uncertain
+    with store_of(config) as store:  # sent, but not recorded as sent: the next run says uncertain
         assert store.counts(EXAMPLE.stem)["sending"] == 1

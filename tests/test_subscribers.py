@@ -11,22 +11,28 @@ import sqlite3
 import pytest
 
 from conftest import run_cli as run
-from conftest import ROOT
+from conftest import ROOT, store_env
 from newsletter.errors import RecipientsError
 from newsletter.recipients import CsvReport, Recipient, address_problem, normalize, read_csv
-from newsletter.store import Store
+from newsletter.store import Store, open_at
+
+pytestmark = pytest.mark.usefixtures("store_backend")  # each test on SQLite and on PostgreSQL
 
 EXPORT_HEADER = ["email", "name", "status", "changed_at", "changed_how"]
 
 
 def rows(folder) -> dict[str, tuple]:
-    """email -> (name, fields, status, changed_at, changed_how), read straight from the SQLite file."""
+    """email -> (name, fields, status, changed_at, changed_how), read straight from the store's
+    database: the SQLite file, or the PostgreSQL database under test."""
+    sql = "SELECT email, name, fields, status, changed_at, changed_how FROM subscribers ORDER BY email"
+    if url := store_env().get("NEWSLETTER_STORE_URL"):
+        with open_at(url) as store:
+            return {r[0]: tuple(r[1:]) for r in store.db.execute(sql)}
     path = folder / "newsletter.sqlite3"
     assert path.read_bytes().startswith(b"SQLite format 3\x00")
     db = sqlite3.connect(path)
     try:
-        return {r[0]: r[1:] for r in db.execute(
-            "SELECT email, name, fields, status, changed_at, changed_how FROM subscribers ORDER BY email")}
+        return {r[0]: r[1:] for r in db.execute(sql)}
     finally:
         db.close()
 
@@ -139,8 +145,8 @@ def test_read_csv_status_column(tmp_path):
 
 # -- the store in-process ---------------------------------------------------------------------------
 
-def test_store_add_honours_unsubscribes_and_suppressions(tmp_path):
-    with Store(tmp_path / "s.sqlite3") as store:
+def test_store_add_honours_unsubscribes_and_suppressions(new_store):
+    with new_store() as store:
         ada = Recipient("ada@example.com", "Ada", {"city": "London"})
         assert store.add(ada, "test") == "added"
         assert store.add(ada, "test") == "updated"
@@ -162,6 +168,7 @@ def test_store_add_honours_unsubscribes_and_suppressions(tmp_path):
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", changed_at)
 
 
+@pytest.mark.sqlite_only
 def test_store_is_a_real_sqlite_file(tmp_path):
     path = tmp_path / "store.sqlite3"
     with Store(path) as store:
@@ -183,8 +190,8 @@ def test_store_is_a_real_sqlite_file(tmp_path):
         db.close()
 
 
-def test_mark_many_sets_every_row_past_the_parameter_chunk(tmp_path):
-    with Store(tmp_path / "store.sqlite3") as store:
+def test_mark_many_sets_every_row_past_the_parameter_chunk(new_store):
+    with new_store() as store:
         with store.transaction():
             for i in range(1203):
                 store.add(Recipient(f"r{i}@example.com"), "test")
@@ -199,14 +206,14 @@ def test_mark_many_sets_every_row_past_the_parameter_chunk(tmp_path):
     assert rows[1202] == ("pending", None, 0)
 
 
-def test_queueing_again_signs_only_the_new_subscribers(tmp_path):
+def test_queueing_again_signs_only_the_new_subscribers(new_store):
     signed = []
 
     def key_of(email):
         signed.append(email)
         return "k" + email
 
-    with Store(tmp_path / "store.sqlite3") as store:
+    with new_store() as store:
         for address in ("a@example.com", "b@example.com"):
             store.add(Recipient(address), "test")
         assert store.enqueue_subscribers("issue", key_of) == 2
@@ -269,7 +276,7 @@ def test_unsubscribed_stays_unsubscribed_on_import_but_add_resubscribes(project)
 
 
 def test_suppressed_address_is_never_added(project):
-    with Store(project / "newsletter.sqlite3") as store:
+    with open_at(store_env().get("NEWSLETTER_STORE_URL") or project / "newsletter.sqlite3") as store:
         store.suppress("Eve@Example.com", "hard bounce 5.1.1")
     name = write(project, "eve.csv", "email\neve@example.com\nada@example.com\n")
     result = run("subscribers", "import", name, cwd=project)
@@ -343,6 +350,7 @@ def test_export_list_and_remove(project):
 
 # Regression (fixed in 48cdf6c): an export imported into a new store re-subscribed everyone
 # (status ignored) and kept status/changed_at/changed_how as merge fields.
+@pytest.mark.sqlite_only  # two stores: two files (the PostgreSQL copy: test_store_pg.py)
 def test_export_round_trips_through_import_into_a_new_store(project, tmp_path_factory):
     name = write(project, "list.csv", 'email,name\nada@example.com,Ada\nbob@example.com,Bob\n'
                                       'zoe@example.com,"Zoë, O\'Brien"\n')

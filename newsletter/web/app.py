@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..config import Config
-from ..store import Store
+from ..store import open_store
 from . import signup, unsubscribe, webhooks
 from .plumbing import Plumbing
 
@@ -17,7 +17,7 @@ from .plumbing import Plumbing
 async def health(request: Request) -> JSONResponse:
     """Up, and the store answers."""
     try:
-        with Store(request.app.state.config.store.path) as store:
+        with open_store(request.app.state.config.store) as store:
             store.db.execute("SELECT 1").fetchone()
     except Exception as exc:  # any failure to reach the store is "unhealthy", said plainly
         return JSONResponse({"status": "unhealthy", "store": type(exc).__name__}, status_code=503)

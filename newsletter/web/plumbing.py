@@ -23,7 +23,7 @@ from pathlib import Path
 from starlette.exceptions import HTTPException
 from starlette.responses import PlainTextResponse
 
-from ..store import Store
+from ..store import Store, open_store
 
 access_log = logging.getLogger("newsletter.access")
 
@@ -146,10 +146,10 @@ class StoreThread:
     unsubscribes/s (32 threads slept in SQLite's busy handler, 1, 2, 5 ms ..., waiting for
     each other); this thread, a commit per call, 4,000; a commit per round, 4,800."""
 
-    def __init__(self, path: str | Path):
-        self.path = path
+    def __init__(self, settings):
+        self.settings = settings
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name=f"store {path}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="store", daemon=True)
         self.thread.start()
 
     async def call(self, fn, *args):
@@ -170,7 +170,7 @@ class StoreThread:
             answers: dict = {}
             try:
                 if store is None:
-                    store = Store(self.path)
+                    store = open_store(self.settings)
                 # Group commit: the round in one transaction, so one commit (and one WAL
                 # sync point) for all; answers go out only after it.
                 with store.transaction():
@@ -183,7 +183,7 @@ class StoreThread:
                     continue
                 try:
                     if store is None:
-                        store = Store(self.path)
+                        store = open_store(self.settings)
                     answers.setdefault(loop, []).append((future, True, fn(store, *args)))
                 except BaseException as exc:  # handed to the handler, which says 503
                     answers.setdefault(loop, []).append((future, False, exc))
@@ -208,9 +208,11 @@ _threads: dict[str, StoreThread] = {}
 _threads_lock = threading.Lock()
 
 
-def store_thread(path: str | Path) -> StoreThread:
+def store_thread(settings) -> StoreThread:
+    """The thread for the store that [store] names (path or url)."""
+    where = str(settings.url or settings.path)
     with _threads_lock:
-        found = _threads.get(str(path))
+        found = _threads.get(where)
         if found is None:
-            found = _threads[str(path)] = StoreThread(path)
+            found = _threads[where] = StoreThread(settings)
         return found

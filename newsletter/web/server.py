@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import Config
-from ..store import Store
+from ..store import open_store
 
 
 def run(config: Config, host: str | None = None, port: int | None = None) -> None:
@@ -14,7 +14,7 @@ def run(config: Config, host: str | None = None, port: int | None = None) -> Non
     from .unsubscribe import require_secret
 
     require_secret(config)
-    with Store(config.store.path) as store:  # a read-only store is said now, naming the file, not per request
+    with open_store(config.store) as store:  # a read-only store is said now, naming the file, not per request
         store.check_writable()
     setup_access_log()
 

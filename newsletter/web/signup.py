@@ -54,7 +54,7 @@ from ..errors import ConfigError, StoreError
 from ..message import display_address
 from ..outcome import HARD_BOUNCE, MESSAGE, RECIPIENT, SENDER, SENT, Event
 from ..recipients import Recipient, clean_name, normalize
-from ..store import Store
+from ..store import open_store
 
 log = logging.getLogger("newsletter.signup")
 
@@ -361,7 +361,7 @@ class Signup:
         return f"{self.config.serve.public_url}/subscribe/confirm/{token}"
 
     def _blocked(self, address: str) -> bool:
-        with Store(self.config.store.path) as store:
+        with open_store(self.config.store) as store:
             return store.suppressed(address) or store.status(address) in BLOCKED_STATUSES
 
     async def deliver(self, address: str, name: str | None) -> None:
@@ -405,12 +405,12 @@ class Signup:
         return "failed"
 
     def _record(self, event: Event) -> None:
-        with Store(self.config.store.path) as store:
+        with open_store(self.config.store) as store:
             store.record_event(event)
 
     def confirm(self, address: str, name: str | None) -> str:
         """'subscribed', or 'blocked' for an address that bounced for good or complained."""
-        with Store(self.config.store.path) as store, store.transaction():
+        with open_store(self.config.store) as store, store.transaction():
             if store.suppressed(address) or store.status(address) in BLOCKED_STATUSES:
                 return "blocked"
             result = store.add(Recipient(address, name), "sign-up confirmed", resubscribe=True)

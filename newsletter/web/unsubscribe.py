@@ -15,7 +15,6 @@ the same link.
 from __future__ import annotations
 
 import functools
-import sqlite3
 from urllib.parse import parse_qsl, urlsplit
 
 from starlette.requests import Request
@@ -25,7 +24,7 @@ from ..config import Config
 from ..errors import ConfigError, StoreError
 from ..outcome import UNSUBSCRIBE, Event
 from ..recipients import Recipient
-from ..store import Store
+from ..store import DB_ERRORS, Store
 from ..tokens import Signer, TokenError
 from .pages import page
 from .plumbing import store_thread
@@ -96,8 +95,8 @@ async def one_click(request: Request) -> HTMLResponse:
         return page("invalid", name, status=400)
     if request.method == "GET" or request.method == "HEAD":
         try:
-            known = await store_thread(config.store.path).call(_known, rkey)
-        except (StoreError, sqlite3.Error):
+            known = await store_thread(config.store).call(_known, rkey)
+        except (StoreError, *DB_ERRORS):
             return page("unavailable", name, status=503)
         return page("confirm", name) if known else page("unknown", name, status=404)
 
@@ -116,8 +115,8 @@ async def one_click(request: Request) -> HTMLResponse:
     if said != VALUE:
         return page("bad-request", name, status=400, detail=f"The body must be {FIELD}={VALUE}.")
     try:
-        found = await store_thread(config.store.path).call(_unsubscribe, rkey)
-    except (StoreError, sqlite3.Error):  # the store unreachable, or locked past its 30 s
+        found = await store_thread(config.store).call(_unsubscribe, rkey)
+    except (StoreError, *DB_ERRORS):  # the store unreachable, or locked past its 30 s
         return page("unavailable", name, status=503)
     if not found:
         return page("unknown", name, status=404)

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 
 from ..errors import StoreError
 from ..outcome import Event
-from ..store import Store
+from ..store import open_store
 from .hooks import Incoming, Rejected, mailgun, postmark, resend, sendgrid, ses
 
 log = logging.getLogger("newsletter.webhooks")
@@ -44,8 +44,8 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _record(path, events: list[Event]) -> int:
-    with Store(path) as store:
+def _record(settings, events: list[Event]) -> int:
+    with open_store(settings) as store:
         return store.record_events(events)
 
 
@@ -62,7 +62,7 @@ def _endpoint(provider):
                                 request.client.host if request.client else None, settings,
                                 states.setdefault(provider.NAME, {}))
             events = await provider.events(incoming)
-            changed = await run_in_threadpool(_record, config.store.path, events) if events else 0
+            changed = await run_in_threadpool(_record, config.store, events) if events else 0
         except Rejected as exc:
             # the provider's words about the request, never a secret or the body
             log.warning("%s webhook refused (%d): %s", provider.NAME, exc.status, exc.message)
