@@ -144,8 +144,7 @@ def base_env(folder: Path) -> dict:
         "NEWSLETTER_DKIM_PRIVATE_KEY": DKIM_PEM,
         "NEWSLETTER_SERVE_PUBLIC_URL": "https://news.example.com",
         "NEWSLETTER_SIGNUP_ENABLED": "true",
-        # TODO when [store] url (PostgreSQL) lands: NEWSLETTER_STORE_URL with PG_PASSWORD in it, here
-        "PGPASSWORD": PG_PASSWORD,
+        "PGPASSWORD": PG_PASSWORD,  # the SQLite cases ignore it; test_postgres_... uses it
     }
 
 
@@ -440,3 +439,27 @@ def test_snapshot_says_no_secret(world):
     folder, env = world.project("snapshot")
     result = world.run(folder, env, "snapshot", f"issues/{EXAMPLE.name}", "--out", "shots", timeout=180)
     check(world, folder, result)
+
+
+def test_postgres_store_password_is_never_said(world, monkeypatch):
+    """[store] url names a PostgreSQL store; its password is PGPASSWORD's marker: taken by
+    the server (a success path), refused (wrong password), or no server at all."""
+    import pg_server
+    from conftest import require
+    require("PostgreSQL (Debian's postgresql)", pg_server.installed())
+    require("psycopg", bool(__import__("importlib").util.find_spec("psycopg")))
+    monkeypatch.setattr(pg_server, "PASSWORD", PG_PASSWORD)
+    with pg_server.PostgresServer() as server:
+        folder, env = world.project("postgres")
+        env["NEWSLETTER_STORE_URL"] = server.new_database()
+        runs = [(env, ["subscribers", "add", "pg@example.com"], 0), (env, ["subscribers", "list"], 0),
+                (env, SEND + ["--backend", "outbox"], 0), (env, ["status", EXAMPLE.stem], 0),
+                ({**env, "PGPASSWORD": WRONG}, ["subscribers", "list"], 2),
+                ({**env, "PGPASSWORD": WRONG}, SEND + ["--backend", "outbox"], 2),
+                ({**env, "NEWSLETTER_STORE_URL": f"postgresql://{pg_server.USER}@127.0.0.1:{free_port()}/x"},
+                 ["status", EXAMPLE.stem], 2)]
+        for run_env, args, expected in runs:
+            result = world.run(folder, run_env, *args)
+            assert result.returncode == expected, (args, result.stderr)
+            check(world, folder, result)
+        assert "pg@example.com" in world.run(folder, env, "subscribers", "list").stdout
