@@ -301,6 +301,8 @@ SCHEMA: dict[str, dict[str, Option]] = {
                                     "(the unsubscribe and confirmation links point there)"),
         "forwarded_allow_ips": Str(help="proxies whose X-Forwarded-* headers are trusted, e.g. 127.0.0.1"),
         "max_body": Int(default=65536, min=1024, max=10_000_000, help="the largest request body taken, in bytes"),
+        "read_timeout": Seconds(default=30.0, help="a client that takes longer to send a request's headers, "
+                                                   "or its body, is cut off (408 for a body; 0: never)"),
     },
     "send": {
         "backend": Choice(BACKENDS, default="outbox"),
@@ -440,6 +442,7 @@ class Serve:
     public_url: str | None
     forwarded_allow_ips: str | None
     max_body: int
+    read_timeout: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -135,12 +135,29 @@ def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | No
             except SendError as exc:
                 exc.counts = store.counts(issue.stem, dest)  # what the stop left, for the summary
                 raise
+            except StoreError as exc:  # the disk filled, or the store became unwritable, mid-send
+                raise StoreError(f"{exc}\n{_in_flight_note(store, issue.stem, dest)}") from exc
             finally:
                 progress.finish()
             # in this order: other runs only ever make fewer rows pending meanwhile
             summary.elsewhere = store.claimed_elsewhere(issue.stem, dest)
             summary.counts = store.counts(issue.stem, dest)
     return summary
+
+
+def _in_flight_note(store: Store, issue: str, dest: str) -> str:
+    """After the ledger failed mid-send: what it says was in flight (the messages whose
+    outcome it could not record). Nothing it calls sent was not."""
+    rule = ("they stay `sending` in the ledger; the next send reports them as uncertain and does not send them "
+            "again (--resend-uncertain does)")
+    try:
+        emails = [email for email, _ in store.in_flight(issue, dest)]
+    except StoreError:
+        return f"The messages in flight may have been delivered: {rule}."
+    if not emails:
+        return "No message was in flight; the rest stays pending for the next send."
+    return (f"{len(emails)} message(s) were in flight and may have been delivered: {rule}: "
+            + ", ".join(emails[:20]) + (" ..." if len(emails) > 20 else ""))
 
 
 def _check_unchanged(store: Store, issue: str, digest: str, source: str, allow_changed: bool, dest: str) -> None:

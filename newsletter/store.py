@@ -122,6 +122,40 @@ class Delivery(NamedTuple):  # a tuple: made for every row of a send, and cheape
     attempts: int
 
 
+def _why(path: Path, exc: BaseException) -> str:
+    """SQLite's words, and what they mean for the user (its 'unable to open database file'
+    says neither which file nor why)."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and ("readonly" in text or "unable to open" in text) and \
+            not (os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))):
+        return f"{text}: the store or its folder is read-only; it must be writable (with its -wal and -shm files)"
+    if "full" in text:
+        return f"{text}: the disk is full; free some space and run the command again"
+    if "disk I/O error" in text:
+        name = getattr(exc, "sqlite_errorname", "")
+        return f"{text} ({name}): the disk may be full, or the file over a size limit (ulimit -f)"
+    return text
+
+
+class _Connection(sqlite3.Connection):
+    """Every SQLite failure as a StoreError naming the file: a read-only folder or a full
+    disk mid-send is the user's to fix, said plainly, never a traceback."""
+
+    store_path: Path
+
+    def execute(self, *args):
+        try:
+            return super().execute(*args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.store_path}: {_why(self.store_path, exc)}") from exc
+
+    def executemany(self, *args):
+        try:
+            return super().executemany(*args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.store_path}: {_why(self.store_path, exc)}") from exc
+
+
 class Store:
     kind = "SQLite"
     shared = False  # whether several sends of an issue may run at once
@@ -135,12 +169,16 @@ class Store:
         self.upgraded_from: int | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30, factory=_Connection)
+            self.db.store_path = self.path
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self._upgrade()
+        except StoreError as exc:
+            raise StoreError(f"{self.path}: cannot open the store: {str(exc).removeprefix(f'{self.path}: ')}") \
+                from exc.__cause__
         except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"{self.path}: cannot open the store: {exc}") from exc
+            raise StoreError(f"{self.path}: cannot open the store: {_why(self.path, exc)}") from exc
 
     def schema_version(self) -> int:
         return self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -197,6 +235,19 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    def check_writable(self) -> None:
+        """StoreError now if this store cannot be written (read-only file, folder or mount),
+        rather than at a reader's first click. Writes the header's version as it is, and
+        rolls back: nothing changes. (A database server says so at its first write.)"""
+        if self.kind != "SQLite":
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            self.db.execute(f"PRAGMA user_version = {int(version)}")
+        finally:
+            self.db.execute("ROLLBACK")
 
     def __enter__(self):
         return self
@@ -572,7 +623,11 @@ class _LockFile:
         self.path, self.issue = path, issue
 
     def __enter__(self):
-        self.file = open(self.path, "a+")
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as exc:  # the store's folder is read-only, or full
+            raise StoreError(f"{self.path}: cannot make the send's lock file beside the store: {exc.strerror}; "
+                             "the store's folder must be writable") from exc
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -601,7 +656,18 @@ class _Transaction:
         return self.db
 
     def __exit__(self, exc_type, exc, tb):
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if exc_type is not None:
+            if self.db.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
+                self.db.execute("ROLLBACK")
+            return
+        try:
+            self.db.execute("COMMIT")
+        except StoreError:
+            # A COMMIT that failed (busy, disk full) may leave the transaction open: every later
+            # transaction() on this connection would join it and never commit.
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
 
 # What a store's database may raise beyond StoreError (the web service answers 503).

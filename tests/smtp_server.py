@@ -133,7 +133,8 @@ class Server:
     `greeting="554 ..."` makes one that refuses every client at once."""
 
     def __init__(self, handler: Handler, tls: tuple[Path, Path] | None = None, auth: bool = True,
-                 greeting: str | None = None, port: int | None = None):
+                 greeting: str | None = None, port: int | None = None,
+                 credentials: tuple[str, str] = (USER, PASSWORD)):
         self.handler = handler
         self.port = port or free_port()
         kwargs = {}
@@ -142,7 +143,8 @@ class Server:
             context.load_cert_chain(str(tls[0]), str(tls[1]))
             kwargs.update(tls_context=context, require_starttls=True)
         if auth:
-            kwargs.update(authenticator=_authenticate, auth_required=True, auth_require_tls=bool(tls))
+            kwargs.update(authenticator=_authenticator(*credentials), auth_required=True,
+                          auth_require_tls=bool(tls))
         if greeting:
             kwargs["greeting"] = greeting
         self.controller = (_RefusingController if greeting else Controller)(
@@ -157,10 +159,12 @@ class Server:
         self.controller.stop()
 
 
-def _authenticate(server, session, envelope, mechanism, auth_data):
-    ok = isinstance(auth_data, LoginPassword) and auth_data.login == USER.encode() and \
-        auth_data.password == PASSWORD.encode()
-    return AuthResult(success=ok, handled=False)  # handled=False: the server answers 535 itself
+def _authenticator(user: str, password: str):
+    def authenticate(server, session, envelope, mechanism, auth_data):
+        ok = isinstance(auth_data, LoginPassword) and auth_data.login == user.encode() and \
+            auth_data.password == password.encode()
+        return AuthResult(success=ok, handled=False)  # handled=False: the server answers 535 itself
+    return authenticate
 
 
 __all__ = ["Handler", "Server", "make_certificate", "free_port", "USER", "PASSWORD", "defaultdict"]

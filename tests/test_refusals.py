@@ -257,7 +257,9 @@ def test_two_processes_opening_an_old_store_at_once_upgrade_it_once(tmp_path, mo
     real_connect = sqlite3.connect
     raced = []
 
-    class Late(sqlite3.Connection):
+    from newsletter.store import _Connection
+
+    class Late(_Connection):  # the store's own connection class (SQLite errors as StoreError), late
         """Reads the schema's version, and only then lets the other process upgrade and write."""
 
         def execute(self, sql, *args):
@@ -271,7 +273,7 @@ def test_two_processes_opening_an_old_store_at_once_upgrade_it_once(tmp_path, mo
                 return super().execute("SELECT ?", (raced[0],))
             return super().execute(sql, *args)
 
-    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: real_connect(*a, factory=Late, **k))
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: real_connect(*a, **{**k, "factory": Late}))
     with Store(path) as store:
         assert raced == [0]
         assert store.counts("a", "outbox")["pending"] == 1 and store.counts("a")["pending"] == 0

@@ -45,7 +45,8 @@ def create_app(config: Config) -> Starlette:
     # Webhook batches are megabytes: [webhooks] max_body is theirs (their handler checks it too).
     larger = {"/webhooks/": config.webhooks.max_body} if config.webhooks else {}
     app = Starlette(routes=routes(config),
-                    middleware=[Middleware(Plumbing, max_body=config.serve.max_body, larger=larger)])
+                    middleware=[Middleware(Plumbing, max_body=config.serve.max_body, larger=larger,
+                                               read_timeout=config.serve.read_timeout)])
     app.state.config = config
     app.state.signup = signup.Signup(config)  # checks [signup] now: a sign-up that cannot work stops start-up
     return app

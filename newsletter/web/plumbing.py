@@ -28,6 +28,7 @@ from ..store import Store, open_store
 access_log = logging.getLogger("newsletter.access")
 
 REDACTED = "…"
+MAX_HEADERS, MAX_HEADER_BYTES = 100, 16384  # a browser sends about 20 headers, 2 KB
 # A path parameter is logged only when it is a plain lower-case word (a provider's name);
 # a token, an address or anything else becomes "…", and so does one named like a secret.
 _PLAIN = re.compile(r"[a-z][a-z0-9_-]{0,23}\Z")
@@ -59,15 +60,16 @@ def loggable_path(scope) -> str:
 
 
 class Plumbing:
-    """The access log and the body limit, in one pure ASGI layer (not BaseHTTPMiddleware,
+    """The access log, the body limit and the body's deadline, in one pure ASGI layer (not BaseHTTPMiddleware,
     which would buffer bodies and costs more a request).
 
     413 for a body over `max_body` bytes: at once when Content-Length says so, and while
     reading otherwise (chunked, or a client that lies), before a handler has seen it whole.
     `larger` gives paths that take more, by prefix (a provider's webhook batch is megabytes)."""
 
-    def __init__(self, app, max_body: int, larger: dict[str, int] | None = None):
+    def __init__(self, app, max_body: int, larger: dict[str, int] | None = None, read_timeout: float = 0):
         self.app, self.default_max, self.larger = app, max_body, larger or {}
+        self.read_timeout = read_timeout  # for the whole body; 0: none
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -84,9 +86,20 @@ class Plumbing:
                 status = message["status"]
             await send(message)
 
+        deadline = start + self.read_timeout
+
         async def counted():
             nonlocal seen
-            message = await receive()
+            if not self.read_timeout:
+                message = await receive()
+            else:
+                # A client that starts a body and never finishes it would hold its handler
+                # (and the connection) forever.
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - time.perf_counter(), 0.001))
+                except asyncio.TimeoutError:
+                    raise HTTPException(408, "The request body took too long to arrive.\n",
+                                        headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > max_body:
@@ -96,10 +109,15 @@ class Plumbing:
 
         try:
             length = None
-            for name, value in scope.get("headers") or ():
+            headers = scope.get("headers") or ()
+            for name, value in headers:
                 if name == b"content-length":
                     length = value
-            if length is not None and not length.isdigit():
+            if len(headers) > MAX_HEADERS or sum(len(n) + len(v) for n, v in headers) > MAX_HEADER_BYTES:
+                # h11 limits only a head that arrives in pieces; one that arrives whole is not
+                await PlainTextResponse("Too many or too large headers.\n", 431, headers={"Connection": "close"})(
+                    scope, receive, send_and_note)
+            elif length is not None and not length.isdigit():
                 await PlainTextResponse("Bad Content-Length.\n", 400)(scope, receive, send_and_note)
             elif length is not None and int(length) > max_body:
                 await PlainTextResponse(self._words(max_body), 413, headers={"Connection": "close"})(

@@ -50,7 +50,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from ..checks import address_problem
 from ..config import API_BACKENDS, Config
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreError
 from ..message import display_address
 from ..outcome import HARD_BOUNCE, MESSAGE, RECIPIENT, SENDER, SENT, Event
 from ..recipients import Recipient, clean_name, normalize
@@ -582,7 +582,13 @@ async def confirm(request: Request) -> Response:
         return opened
     service, address, name = opened
     pub = service.config.publication.name
-    if await run_in_threadpool(service.confirm, address, name) == "blocked":
+    try:
+        result = await run_in_threadpool(service.confirm, address, name)
+    except StoreError as exc:  # read-only, full or busy: the link still works later
+        log.error("sign-up: could not confirm: %s", exc)
+        return _page(service.config, "Try again later", [
+            "Your subscription could not be saved just now. Please open the link again in a while."], status=503)
+    if result == "blocked":
         # Only the holder of the link sees this; the sign-up answer never says it.
         reply = service.config.sender.reply_to or service.config.sender.address
         return _page(service.config, "Not subscribed", [

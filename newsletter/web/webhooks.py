@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
+from ..errors import StoreError
 from ..outcome import Event
 from ..store import open_store
 from .hooks import Incoming, Rejected, mailgun, postmark, resend, sendgrid, ses
@@ -70,6 +71,11 @@ def _endpoint(provider):
             return JSONResponse({"error": "the request was cut short"}, status_code=400)
         except HTTPException as exc:  # the service's own body limit, noticed while reading (plumbing)
             return JSONResponse({"error": str(exc.detail).strip()}, status_code=exc.status_code)
+        except StoreError as exc:  # read-only, full, or busy past its timeout: said, the provider retries
+            if incoming is not None and incoming.token:
+                mailgun.forget(incoming, incoming.token)
+            log.error("%s webhook: could not record its events: %s", provider.NAME, exc)
+            return JSONResponse({"error": "could not record the events; try again"}, status_code=503)
         except Exception:
             if incoming is not None and incoming.token:
                 mailgun.forget(incoming, incoming.token)  # its retry must not look like a replay
