@@ -308,6 +308,15 @@ class MessageFactory:
         if not pub.unsubscribe_url:
             raise ConfigError([f"{config.path}: publication.unsubscribe_url: required to send "
                                "(one-click unsubscribe URL with {token}, e.g. https://example.com/u/{token})"])
+        # Settings are checked when read; a value that could start a header line of its own
+        # is refused here too, whoever built the Config.
+        for setting, value in (("sender.name", sender.name), ("sender.address", sender.address),
+                               ("sender.reply_to", sender.reply_to), ("publication.name", pub.name),
+                               ("publication.list_id", pub.list_id), ("publication.unsubscribe_url", pub.unsubscribe_url),
+                               ("publication.unsubscribe_mailto", pub.unsubscribe_mailto),
+                               ("send.bounce_address", config.send.bounce_address)):
+            if value and (problem := one_line_problem(value)):
+                raise ConfigError([f"{config.path}: {setting}: {problem}"])
         self.rendered = rendered
         self.signer = signer
         self.unsubscribe_url = pub.unsubscribe_url

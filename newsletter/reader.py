@@ -35,6 +35,7 @@ MAX_FILE_BYTES = 1_000_000
 # Block quotes, lists, emphasis and links inside each other: markdown-it silently drops
 # what lies deeper than 20 levels, and the plain-text walk recurses once per level.
 MARKDOWN_MAX_DEPTH = 12
+MAX_PROBLEMS = 200  # per file; a megabyte of `[1, 1, 1, ...]` would otherwise be half a million lines
 SUBJECT_PHONE = 60  # phones show roughly the first 40-60 characters of a subject
 MARKDOWN_LINK_SCHEMES = ("http", "https", "mailto")
 
@@ -50,6 +51,7 @@ class _Context:
         self.problems: list[Problem] = []
         self.positions: dict[str, tuple[int, int]] = {}
         self.seen_nodes: set[int] = set()
+        self.aliased: set[int] = set()  # reported once, however often it is used again
 
     def report(self, node_or_mark, field: str, message: str, severity: str = ERROR) -> None:
         line, col = _where(node_or_mark)
@@ -330,7 +332,10 @@ def _first_visit(node: yaml.Node, ctx: _Context, field: str) -> bool:
     # An alias (*name) hands back a node already seen; following it could loop or blow up.
     if not isinstance(node, yaml.ScalarNode):
         if id(node) in ctx.seen_nodes:
-            ctx.report(node, field, "YAML aliases (*name) are not supported in issue files; write the value out")
+            if id(node) not in ctx.aliased:
+                ctx.aliased.add(id(node))
+                ctx.report(node, field, "YAML aliases (*name) are not supported in issue files; this value "
+                           "(its &anchor is here) is used again through one: write the value out")
             return False
         ctx.seen_nodes.add(id(node))
     return True
@@ -407,7 +412,12 @@ def load_issue(path: str | Path) -> CheckResult:
             _warn_about(issue, root, ctx)
     if any(p.is_error for p in ctx.problems):
         issue = None
-    return CheckResult(issue, sorted(ctx.problems))
+    problems = sorted(ctx.problems)
+    if len(problems) > MAX_PROBLEMS:
+        rest = problems[MAX_PROBLEMS]
+        problems = problems[:MAX_PROBLEMS] + [Problem(path, rest.line, rest.col, "", f"{len(problems) - MAX_PROBLEMS} "
+                                                      "more problems from here on, not shown; fix these first")]
+    return CheckResult(issue, problems)
 
 
 def read_issue(path: str | Path) -> Issue:

@@ -59,15 +59,15 @@ SIZE_WARNING_BYTES = 90 * 1024
 _MARKER = re.compile(r"<!--(/?)email-only-->")
 _MERGE_PLACEHOLDER = re.compile(r"\{\{m:(\d+)\}\}")
 _START_TAG = re.compile(r"<[A-Za-z][^<>]*>")
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+_NOT_AS_IS = re.compile(r"[^\x00-\x5b\x5d-\x7f]")  # non-ASCII and the backslash
 
 
 def _ascii_attributes(mjml_source: str) -> str:
-    """Non-ASCII in attribute values as character references: mjml-python writes some
-    characters of an attribute (combining marks, ZWJ, private-use, unassigned) as Rust
-    escapes like \\u{301}; references pass through it untouched. Autoescape keeps < and >
-    out of every value, so a start tag ends at the first >."""
-    return _START_TAG.sub(lambda tag: _NON_ASCII.sub(lambda m: f"&#{ord(m[0])};", tag[0]), mjml_source)
+    """Non-ASCII and backslashes in attribute values as character references: mjml-python
+    writes some characters of an attribute (a backslash, combining marks, ZWJ, private-use,
+    unassigned) as Rust escapes like \\\\ or \\u{301}; references pass through it untouched.
+    Autoescape keeps < and > out of every value, so a start tag ends at the first >."""
+    return _START_TAG.sub(lambda tag: _NOT_AS_IS.sub(lambda m: f"&#{ord(m[0])};", tag[0]), mjml_source)
 
 
 @dataclass(frozen=True)
