@@ -35,6 +35,7 @@ from .tokens import Signer
 
 CRLF = b"\r\n"
 _LINE_START_DOT = re.compile(r"^\.", re.MULTILINE)
+_HEADER_BREAK = re.compile("[\r\n\x00\x85\u2028\u2029]")
 _FOLD_POINT = re.compile(r"(?<=\S) (?=\S)")
 SOFT_BREAK = b"=\r\n"
 QP_LINE = 76  # RFC 2045: encoded lines at most 76 characters
@@ -315,8 +316,9 @@ class MessageFactory:
                                ("publication.list_id", pub.list_id), ("publication.unsubscribe_url", pub.unsubscribe_url),
                                ("publication.unsubscribe_mailto", pub.unsubscribe_mailto),
                                ("send.bounce_address", config.send.bounce_address)):
-            if value and (problem := one_line_problem(value)):
-                raise ConfigError([f"{config.path}: {setting}: {problem}"])
+            if value and (found := _HEADER_BREAK.search(value)):
+                raise ConfigError([f"{config.path}: {setting}: holds a line break or NUL (U+{ord(found[0]):04X}), "
+                                   "which could start a header of its own"])
         self.rendered = rendered
         self.signer = signer
         self.unsubscribe_url = pub.unsubscribe_url
