@@ -189,6 +189,8 @@ def make_parser() -> argparse.ArgumentParser:
     remove.set_defaults(run=run_subscribers_remove)
     imp = subs_commands.add_parser("import", parents=[common], help="add everyone in a CSV (email, name, ...)")
     imp.add_argument("csv", type=Path, metavar="FILE.csv")
+    imp.add_argument("--encoding", metavar="NAME",
+                     help="the file's encoding when it has no byte-order mark (default: utf-8), e.g. cp1252")
     imp.set_defaults(run=run_subscribers_import)
     exp = subs_commands.add_parser("export", parents=[common], help="write every subscriber as CSV")
     exp.add_argument("--out", type=Path, help="file to write (default: standard output)")
@@ -559,7 +561,7 @@ def run_subscribers_import(args) -> int:
     results: dict[str, int] = {}
     suppressions = 0
     with _store(args) as store, store.transaction():
-        for recipient in read_csv(args.csv, report):
+        for recipient in read_csv(args.csv, report, args.encoding):
             if recipient.status:  # else the row is a suppression only
                 result = store.add(recipient, f"import {args.csv.name}")
                 results[result] = results.get(result, 0) + 1

@@ -53,6 +53,19 @@ def links(tokens: list[Token]) -> list[FoundLink]:
     return found
 
 
+def depth(tokens: list[Token]) -> int:
+    """How deep blocks and inline elements lie inside each other, at the deepest."""
+    deepest = level = 0
+    for block in tokens:
+        level += block.nesting
+        inner = level
+        for tok in block.children or ():
+            inner += tok.nesting
+            deepest = max(deepest, inner)
+        deepest = max(deepest, level)
+    return deepest
+
+
 def _mark_citations(tokens: list[Token]) -> None:
     """A block quote whose last paragraph starts with a dash: that paragraph is its citation."""
     open_quotes: list[list] = []  # per open quote: [level of its children, (para_open, inline)]

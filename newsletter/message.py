@@ -35,6 +35,7 @@ from .tokens import Signer
 
 CRLF = b"\r\n"
 _LINE_START_DOT = re.compile(r"^\.", re.MULTILINE)
+_HEADER_BREAK = re.compile("[\r\n\x00\x85\u2028\u2029]")
 _FOLD_POINT = re.compile(r"(?<=\S) (?=\S)")
 SOFT_BREAK = b"=\r\n"
 QP_LINE = 76  # RFC 2045: encoded lines at most 76 characters
@@ -308,6 +309,16 @@ class MessageFactory:
         if not pub.unsubscribe_url:
             raise ConfigError([f"{config.path}: publication.unsubscribe_url: required to send "
                                "(one-click unsubscribe URL with {token}, e.g. https://example.com/u/{token})"])
+        # Settings are checked when read; a value that could start a header line of its own
+        # is refused here too, whoever built the Config.
+        for setting, value in (("sender.name", sender.name), ("sender.address", sender.address),
+                               ("sender.reply_to", sender.reply_to), ("publication.name", pub.name),
+                               ("publication.list_id", pub.list_id), ("publication.unsubscribe_url", pub.unsubscribe_url),
+                               ("publication.unsubscribe_mailto", pub.unsubscribe_mailto),
+                               ("send.bounce_address", config.send.bounce_address)):
+            if value and (found := _HEADER_BREAK.search(value)):
+                raise ConfigError([f"{config.path}: {setting}: holds a line break or NUL (U+{ord(found[0]):04X}), "
+                                   "which could start a header of its own"])
         self.rendered = rendered
         self.signer = signer
         self.unsubscribe_url = pub.unsubscribe_url

@@ -29,6 +29,13 @@ except ImportError:  # pragma: no cover
     from yaml import SafeLoader as _Loader
 
 SUBJECT_MAX = 150
+# Far above any real issue (Gmail clips an email at about 102 KB), and far below what
+# breaks: lxml (in premailer) silently drops a text of over 10 MB from the HTML.
+MAX_FILE_BYTES = 1_000_000
+# Block quotes, lists, emphasis and links inside each other: markdown-it silently drops
+# what lies deeper than 20 levels, and the plain-text walk recurses once per level.
+MARKDOWN_MAX_DEPTH = 12
+MAX_PROBLEMS = 200  # per file; a megabyte of `[1, 1, 1, ...]` would otherwise be half a million lines
 SUBJECT_PHONE = 60  # phones show roughly the first 40-60 characters of a subject
 MARKDOWN_LINK_SCHEMES = ("http", "https", "mailto")
 
@@ -44,6 +51,7 @@ class _Context:
         self.problems: list[Problem] = []
         self.positions: dict[str, tuple[int, int]] = {}
         self.seen_nodes: set[int] = set()
+        self.aliased: set[int] = set()  # reported once, however often it is used again
 
     def report(self, node_or_mark, field: str, message: str, severity: str = ERROR) -> None:
         line, col = _where(node_or_mark)
@@ -150,6 +158,10 @@ class MarkdownText(Text):
         block = node.style in ("|", ">")
         first_line = node.start_mark.line + (2 if block else 1)
         md = Markdown(value, first_line)
+        if (depth := markdown.depth(md.tokens)) > MARKDOWN_MAX_DEPTH:
+            ctx.report(node, field, f"Markdown nested {depth} levels deep (block quotes, lists, emphasis, links "
+                                    f"inside each other); at most {MARKDOWN_MAX_DEPTH} are allowed")
+            return INVALID
         ok = True
         for i, found in enumerate(markdown.links(md.tokens)):
             where = (first_line + found.line, 1) if node.style == "|" else node
@@ -320,7 +332,10 @@ def _first_visit(node: yaml.Node, ctx: _Context, field: str) -> bool:
     # An alias (*name) hands back a node already seen; following it could loop or blow up.
     if not isinstance(node, yaml.ScalarNode):
         if id(node) in ctx.seen_nodes:
-            ctx.report(node, field, "YAML aliases (*name) are not supported in issue files; write the value out")
+            if id(node) not in ctx.aliased:
+                ctx.aliased.add(id(node))
+                ctx.report(node, field, "YAML aliases (*name) are not supported in issue files; this value "
+                           "(its &anchor is here) is used again through one: write the value out")
             return False
         ctx.seen_nodes.add(id(node))
     return True
@@ -397,7 +412,12 @@ def load_issue(path: str | Path) -> CheckResult:
             _warn_about(issue, root, ctx)
     if any(p.is_error for p in ctx.problems):
         issue = None
-    return CheckResult(issue, sorted(ctx.problems))
+    problems = sorted(ctx.problems)
+    if len(problems) > MAX_PROBLEMS:
+        rest = problems[MAX_PROBLEMS]
+        problems = problems[:MAX_PROBLEMS] + [Problem(path, rest.line, rest.col, "", f"{len(problems) - MAX_PROBLEMS} "
+                                                      "more problems from here on, not shown; fix these first")]
+    return CheckResult(issue, problems)
 
 
 def read_issue(path: str | Path) -> Issue:
@@ -412,6 +432,13 @@ def _compose(path: str, ctx: _Context) -> yaml.Node | None:
         raw = Path(path).read_bytes()
     except OSError as exc:
         ctx.report((0, 0), "", f"cannot read the file: {exc.strerror or exc}")
+        return None
+    if len(raw) > MAX_FILE_BYTES:
+        ctx.report((1, 1), "", f"the file is {len(raw):,} bytes; an issue file is at most {MAX_FILE_BYTES:,} "
+                   "(an email over about 102 KB is clipped by Gmail anyway)")
+        return None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        ctx.report((1, 1), "", "the file is UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
         return None
     try:
         text = raw.decode("utf-8-sig")
@@ -430,7 +457,12 @@ def _compose(path: str, ctx: _Context) -> yaml.Node | None:
             detail = f"{detail} ({exc.context})"
         ctx.report(mark, "", f"invalid YAML: {detail}")
         return None
-    except yaml.YAMLError as exc:  # e.g. a character YAML does not allow
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow; it knows only the offset
+        ctx.report(_offset_where(text, exc.position), "", f"invalid YAML: the character U+{exc.character:04X} "
+                   "is not allowed in YAML (a control character or a non-character); remove it"
+                   + (" (a NUL: is the file UTF-16? save it as UTF-8)" if exc.character == 0 else ""))
+        return None
+    except yaml.YAMLError as exc:
         ctx.report((getattr(exc, "line", 0) + 1, getattr(exc, "column", 0) + 1), "", f"invalid YAML: {exc}")
         return None
     documents = [d for d in documents if d is not None and getattr(d, "tag", None) != NULL_TAG]
@@ -442,6 +474,13 @@ def _compose(path: str, ctx: _Context) -> yaml.Node | None:
         ctx.report(documents[1], "", "the file holds more than one YAML document (---); keep one issue per file")
         return None
     return documents[0]
+
+
+def _offset_where(text: str, offset: int) -> tuple[int, int]:
+    """(line, column) of an offset from the YAML reader: libyaml counts UTF-8 bytes, PyYAML characters."""
+    before = text.encode("utf-8")[:offset].decode("utf-8", "replace") if _Loader is not yaml.SafeLoader \
+        else text[:offset]
+    return before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
 
 
 def _warn_about(issue: Issue, root: yaml.Node, ctx: _Context) -> None:

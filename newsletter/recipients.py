@@ -12,8 +12,10 @@ apostrophe off again.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime as dt
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,65 +78,141 @@ class CsvReport:
     invalid: list[tuple[int, str, str]] = field(default_factory=list)  # (row, value, why)
 
 
-def read_csv(path: str | Path, report: CsvReport) -> Iterator[Recipient]:
-    """Yield each valid, first-seen recipient; invalid rows and duplicates go to `report`."""
-    seen: set[str] = set()
+# A byte-order mark names the encoding; UTF-32's first, as its LE mark starts like UTF-16's.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _lines(f: IO[bytes], path, encoding: str | None) -> Iterator[str]:
+    """The file's lines as text, line ends kept: in the encoding its byte-order mark names,
+    else `encoding` (default UTF-8). A line that does not decode stops the read, named."""
+    start = f.read(4)
+    bom, named = next(((b, e) for b, e in _BOMS if start.startswith(b)), (b"", None))
+    if named in ("utf-16", "utf-32"):  # two or four bytes a character: the codec finds the lines
+        f.seek(0)
+        n = 0
+        try:
+            for n, line in enumerate(io.TextIOWrapper(f, named, newline=""), 1):
+                yield line
+        except UnicodeDecodeError as exc:
+            raise RecipientsError(f"{path}:{n + 1}: not {named.upper()} text although it starts with a "
+                                  f"{named.upper()} byte-order mark ({exc.reason})") from exc
+        return
+    encoding = named or encoding or "utf-8"
+    f.seek(len(bom))
+    for n, raw in enumerate(f, 1):
+        try:
+            yield raw.decode(encoding)
+        except UnicodeDecodeError as exc:
+            hint = "give the file's encoding with --encoding (e.g. cp1252 or latin-1)" if not named and \
+                encoding == "utf-8" else "check the file's encoding"
+            raise RecipientsError(f"{path}:{n}: not {codecs.lookup(encoding).name} text (byte 0x{raw[exc.start]:02X} at column "
+                                  f"{exc.start + 1}); save the file as UTF-8, or {hint}") from exc
+
+
+def read_csv(path: str | Path, report: CsvReport, encoding: str | None = None) -> Iterator[Recipient]:
+    """Yield each valid, first-seen recipient; invalid rows and duplicates go to `report`.
+    The encoding: the file's byte-order mark (UTF-8, UTF-16, UTF-32), else `encoding`, else UTF-8."""
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise RecipientsError(f"unknown encoding {encoding!r}; e.g. utf-8, cp1252, latin-1") from None
     try:
-        f = open(path, newline="", encoding="utf-8-sig")
+        f = open(path, "rb")
     except OSError as exc:
         raise RecipientsError(f"{path}: cannot read it: {exc.strerror or exc}") from exc
     with f:
-        reader = csv.DictReader(f)
-        try:
-            header = reader.fieldnames or []
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise RecipientsError(f"{path}: not a readable CSV file: {exc}") from exc
-        columns = {unescape_cell(c.strip()).lower(): c for c in header if c}
-        if "email" not in columns:
-            raise RecipientsError(f"{path}:1: the header row needs an 'email' column (found: {', '.join(header) or 'nothing'})")
-        field_columns = [(c, unescape_cell(c.strip())) for c in header
-                         if c and unescape_cell(c.strip()).lower() not in RESERVED_COLUMNS]
+        yield from _read_rows(path, _lines(f, path, encoding), report)
 
-        def cell(row, name: str) -> str:
-            return unescape_cell((row.get(columns[name]) or "").strip()) if name in columns else ""
 
+def _read_rows(path, lines: Iterator[str], report: CsvReport) -> Iterator[Recipient]:
+    seen: set[str] = set()
+    # strict: a stray or unclosed quote is an error for its row, not a silent merge of rows
+    reader = csv.reader(lines, strict=True)
+    try:
+        header = next(reader, [])
+    except csv.Error as exc:
+        raise RecipientsError(f"{path}:1: the header row is not readable CSV: {exc}") from exc
+    names = [unescape_cell(c.strip()) for c in header]
+    columns: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name and name.lower() in columns:
+            raise RecipientsError(f"{path}:1: the header row names {name!r} twice")
+        if name:
+            columns[name.lower()] = i
+    if "email" not in columns:
+        raise RecipientsError(f"{path}:1: the header row needs an 'email' column (found: {', '.join(header) or 'nothing'})")
+    field_columns = [(i, name) for i, name in enumerate(names) if name and name.lower() not in RESERVED_COLUMNS]
+
+    while True:
+        line = reader.line_num + 1  # where this row starts (a quoted value may span lines)
         try:
-            for row in reader:
-                report.read += 1
-                line = reader.line_num
-                raw = cell(row, "email")
-                if problem := address_problem(raw):
-                    report.invalid.append((line, raw, problem))
-                    continue
-                suppressed = cell(row, "suppressed") or None
-                status = cell(row, "status").lower()
-                # a suppression of an address that is no subscriber is kept as written
-                email = raw if suppressed and not status else normalize(raw)
-                if email.lower() in seen:
-                    report.duplicates += 1
-                    continue
-                seen.add(email.lower())
-                if status and status not in STATUSES:
-                    report.invalid.append((line, status, f"unknown status; expected one of {', '.join(STATUSES)}"))
-                    continue
-                changed_at, suppressed_at = cell(row, "changed_at") or None, cell(row, "suppressed_at") or None
-                if bad := next((t for t in (changed_at, suppressed_at) if t and not _is_time(t)), None):
-                    report.invalid.append((line, bad, "expected a date and time like 2024-05-01T09:30:00+00:00"))
-                    continue
-                extra = {name: unescape_cell((row.get(c) or "").strip()) for c, name in field_columns}
-                try:
-                    absent = json.loads(cell(row, ABSENT) or "[]")
-                    for name in absent:
-                        del extra[name]
-                except (ValueError, TypeError, KeyError):
-                    report.invalid.append((line, cell(row, ABSENT), f"{ABSENT}: expected a JSON list of this "
-                                           "file's field columns, as `subscribers export` writes it"))
-                    continue
-                yield Recipient(email, clean_name(cell(row, "name")), extra,
-                                status or ("" if suppressed else "subscribed"),
-                                changed_at, cell(row, "changed_how") or None, suppressed, suppressed_at)
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise RecipientsError(f"{path}:{reader.line_num}: not readable CSV: {exc}") from exc
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            report.read += 1
+            report.invalid.append((line, "", _csv_problem(str(exc), line, reader.line_num)))
+            continue
+        if not any(c.strip() for c in cells):
+            continue  # a blank row, or one of only commas as spreadsheets write them
+        report.read += 1
+        cells = [unescape_cell(c.strip()) for c in cells]
+
+        def cell(name: str) -> str:
+            i = columns.get(name)
+            return cells[i] if i is not None and i < len(cells) else ""
+
+        raw = cell("email")
+        if len(cells) > len(header):
+            report.invalid.append((line, raw, f"{len(cells)} values but {len(header)} columns in the header "
+                                   "(a value with a comma in it needs double quotes)"))
+            continue
+        if any("\x00" in c for c in cells):
+            report.invalid.append((line, raw, "holds a NUL byte; the file may be damaged"))
+            continue
+        if problem := address_problem(raw):
+            report.invalid.append((line, raw, problem))
+            continue
+        suppressed = cell("suppressed") or None
+        status = cell("status").lower()
+        # a suppression of an address that is no subscriber is kept as written
+        email = raw if suppressed and not status else normalize(raw)
+        if email.lower() in seen:
+            report.duplicates += 1
+            continue
+        seen.add(email.lower())
+        if status and status not in STATUSES:
+            report.invalid.append((line, status, f"unknown status; expected one of {', '.join(STATUSES)}"))
+            continue
+        changed_at, suppressed_at = cell("changed_at") or None, cell("suppressed_at") or None
+        if bad := next((t for t in (changed_at, suppressed_at) if t and not _is_time(t)), None):
+            report.invalid.append((line, bad, "expected a date and time like 2024-05-01T09:30:00+00:00"))
+            continue
+        extra = {name: cells[i] if i < len(cells) else "" for i, name in field_columns}
+        try:
+            absent = json.loads(cell(ABSENT) or "[]")
+            for name in absent:
+                del extra[name]
+        except (ValueError, TypeError, KeyError):
+            report.invalid.append((line, cell(ABSENT), f"{ABSENT}: expected a JSON list of this "
+                                   "file's field columns, as `subscribers export` writes it"))
+            continue
+        yield Recipient(email, clean_name(cell("name")), extra,
+                        status or ("" if suppressed else "subscribed"),
+                        changed_at, cell("changed_how") or None, suppressed, suppressed_at)
+
+
+def _csv_problem(message: str, first: int, last: int) -> str:
+    if "unexpected end of data" in message:
+        return (f"a double quote opened in this row is never closed: lines {first}-{last} were read as one value "
+                "(a quote inside a value is written twice: \"\")")
+    if "expected after" in message:
+        return "text after a closing double quote (a quote inside a value is written twice: \"\")"
+    if "field limit" in message:
+        return f"a value longer than {csv.field_size_limit():,} characters"
+    return f"not readable CSV: {message}"
 
 
 def _is_time(text: str) -> bool:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import sys
 import types
 from dataclasses import dataclass
@@ -55,9 +56,18 @@ PLACEHOLDERS = {"unsubscribe_url": "{{unsubscribe_url}}"}
 GMAIL_CLIP_BYTES = 102 * 1024  # Gmail cuts the message off at about this size
 SIZE_WARNING_BYTES = 90 * 1024
 
-_EMAIL_ONLY = re.compile(r"<!--email-only-->.*?<!--/email-only-->", re.S)
-_MARKERS = re.compile(r"<!--/?email-only-->")
+_MARKER = re.compile(r"<!--(/?)email-only-->")
 _MERGE_PLACEHOLDER = re.compile(r"\{\{m:(\d+)\}\}")
+_START_TAG = re.compile(r"<[A-Za-z][^<>]*>")
+_NOT_AS_IS = re.compile(r"[^\x00-\x5b\x5d-\x7f]")  # non-ASCII and the backslash
+
+
+def _ascii_attributes(mjml_source: str) -> str:
+    """Non-ASCII and backslashes in attribute values as character references: mjml-python
+    writes some characters of an attribute (a backslash, combining marks, ZWJ, private-use,
+    unassigned) as Rust escapes like \\\\ or \\u{301}; references pass through it untouched.
+    Autoescape keeps < and > out of every value, so a start tag ends at the first >."""
+    return _START_TAG.sub(lambda tag: _NOT_AS_IS.sub(lambda m: f"&#{ord(m[0])};", tag[0]), mjml_source)
 
 
 @dataclass(frozen=True)
@@ -151,8 +161,12 @@ class Renderer:
             text_ctx = {**ctx, "issue": dataclasses.replace(issue, subject=subject)}
             ctx = {**ctx, "issue": dataclasses.replace(issue, subject=Markup(table.fill(issue.subject, escape)))}
         mjml_source = self.render_template(EMAIL_TEMPLATE, ctx)
+        # The template's markers, made unguessable: the same words from the issue are text
+        # (escaped here, but written back as "<" inside attributes by premailer) and must stay so.
+        nonce = secrets.token_hex(8)
+        marked = _MARKER.sub(lambda m: f"<!--{m[1]}email-only-{nonce}-->", mjml_source)
         try:
-            compiled = mjml.mjml2html(mjml_source, fonts={})
+            compiled = mjml.mjml2html(_ascii_attributes(marked), fonts={})
         except Exception as exc:  # mrml raises plain exceptions with its parser's message
             raise TemplateError(f"{EMAIL_TEMPLATE}: MJML could not be compiled: {exc}") from exc
         html = self._inline(compiled, self.render_template(INLINE_CSS_TEMPLATE, ctx))
@@ -167,8 +181,9 @@ class Renderer:
             preheader=table.fill(issue.preheader or "", str),
             web_url=ctx["web_url"],
             mjml=mjml_source,
-            html=_MARKERS.sub("", html),
-            web_html=_with_fallbacks(_EMAIL_ONLY.sub("", html), table.merges),
+            html=html.replace(f"<!--email-only-{nonce}-->", "").replace(f"<!--/email-only-{nonce}-->", ""),
+            web_html=_with_fallbacks(re.sub(f"<!--email-only-{nonce}-->.*?<!--/email-only-{nonce}-->", "", html,
+                                            flags=re.S), table.merges),
             text=text,
             merges=table.merges,
         )
