@@ -22,6 +22,7 @@ kill passes ``--resend-uncertain``, and then every recipient must have exactly o
 
     .venv/bin/python bench/kills.py --kills 50                  # 3,000 recipients, 4 connections
     .venv/bin/python bench/kills.py --kills 20 --backend resend
+    .venv/bin/python bench/kills.py --kills 50 --store postgresql   # the ledger in PostgreSQL
 
 Exit status 0 when every check held, 1 when one failed. All traffic stays on 127.0.0.1.
 """
@@ -35,7 +36,6 @@ import re
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -143,7 +143,8 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"the server on port {port} did not start")
 
 
-def settings(folder: Path, backend: str, port: int, connections: int) -> dict[str, str]:
+def settings(folder: Path, backend: str, port: int, connections: int, store_url: str | None = None
+             ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
     env.update({
         "NEWSLETTER_SECRET": SECRET,
@@ -153,6 +154,8 @@ def settings(folder: Path, backend: str, port: int, connections: int) -> dict[st
         "NEWSLETTER_SEND_RETRY_DELAY": "0.05",
         "NEWSLETTER_SEND_MAX_WAIT": "10",
     })
+    if store_url:
+        env["NEWSLETTER_STORE_URL"] = store_url
     if backend == "smtp":
         env.update({"NEWSLETTER_SMTP_HOST": "127.0.0.1", "NEWSLETTER_SMTP_PORT": str(port),
                     "NEWSLETTER_SMTP_SECURITY": "none",
@@ -167,41 +170,43 @@ def settings(folder: Path, backend: str, port: int, connections: int) -> dict[st
     return env
 
 
-def subscribe(store: Path, n: int) -> list[str]:
+def open_ledger(store: Path | str):
+    """The store: the SQLite file, or a postgresql:// URL (--store postgresql)."""
     sys.path.insert(0, str(ROOT))
+    from newsletter.store import open_at
+    return open_at(store)
+
+
+def subscribe(store: Path | str, n: int) -> list[str]:
     from newsletter.recipients import Recipient
-    from newsletter.store import Store
 
     everyone = [f"reader{i}@example.com" for i in range(n)]
-    with Store(store) as s, s.transaction():
+    with open_ledger(store) as s, s.transaction():
         for address in everyone:
             s.add(Recipient(address, f"Reader {address.split('@')[0]}"), "kills bench")
     return everyone
 
 
-def ledger(store: Path, issue: str) -> dict[str, str]:
-    db = sqlite3.connect(store, timeout=30)
-    try:
-        return dict(db.execute("SELECT email, state FROM deliveries WHERE issue = ? AND destination = 'mail'",
-                               (issue,)))
-    finally:
-        db.close()
+def ledger(store: Path | str, issue: str) -> dict[str, str]:
+    with open_ledger(store) as s:
+        return dict(s.db.execute("SELECT email, state FROM deliveries WHERE issue = ? AND destination = 'mail'",
+                                 (issue,)))
 
 
 def run(kills: int = 50, recipients: int = 3000, connections: int = 4, backend: str = "smtp",
         max_delay: float = 2.5, seed: int | None = None, folder: Path | None = None,
-        say=lambda text: None) -> Figures:
+        say=lambda text: None, store_url: str | None = None) -> Figures:
     """The rounds; returns the figures (problems listed in figures.problems)."""
     rng = random.Random(seed)
     own = folder is None
     folder = Path(tempfile.mkdtemp(prefix="kills-")) if own else folder
     log = folder / "received.log"
     log.write_text("")
-    store = folder / "store.sqlite3"
+    store = store_url or folder / "store.sqlite3"
     figures = Figures(recipients=recipients)
     server, port = start_server(backend, folder, log)
     try:
-        env = settings(folder, backend, port, connections)
+        env = settings(folder, backend, port, connections, store_url)
         everyone = subscribe(store, recipients)
         issues = [new_issue(folder, 1)]
         uncertain_ever: set[tuple[str, str]] = set()
@@ -291,15 +296,12 @@ def stop_server(server, backend: str, log: Path) -> Counter:
     return Counter(tuple(line.split("\t")) for line in log.read_text(encoding="utf-8").splitlines() if line)
 
 
-def check(figures: Figures, store: Path, issues: list[Path], everyone: list[str], received: Counter,
+def check(figures: Figures, store: Path | str, issues: list[Path], everyone: list[str], received: Counter,
           backend: str, in_flight_at_a_kill: set[tuple[str, str]]) -> None:
     """The server's count against the ledger, issue by issue."""
     by_issue: dict[str, Counter] = {}
-    db = sqlite3.connect(store)
-    try:
-        keys = {(issue, email): rkey for issue, email, rkey in db.execute("SELECT issue, email, rkey FROM deliveries")}
-    finally:
-        db.close()
+    with open_ledger(store) as s:
+        keys = {(issue, email): rkey for issue, email, rkey in s.db.execute("SELECT issue, email, rkey FROM deliveries")}
     figures.issues = len(issues)
     for (address, mid), n in received.items():
         # <issue.digest.recipient-key@domain>: the issue's stem and the reader's own key
@@ -346,6 +348,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", choices=("smtp", "resend"), default="smtp")
     parser.add_argument("--max-delay", type=float, default=2.5, help="kills land between 0 and this many seconds")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the ledger's store: SQLite, or a throwaway PostgreSQL server started here")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--serve-smtp", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--serve-api", nargs=2, help=argparse.SUPPRESS)
@@ -360,8 +364,16 @@ def main(argv=None) -> int:
     print(f"{args.kills} kills, {args.recipients} recipients, {args.backend}, {args.connections} connections, "
           f"seed {seed}", file=sys.stderr)
     started = time.monotonic()
-    figures = run(args.kills, args.recipients, args.connections, args.backend, args.max_delay, seed,
-                  say=(lambda text: print(text, file=sys.stderr)) if args.verbose else (lambda text: None))
+    say = (lambda text: print(text, file=sys.stderr)) if args.verbose else (lambda text: None)
+    if args.store == "postgresql":
+        sys.path.insert(0, str(ROOT / "tests"))
+        import pg_server  # the tests' throwaway server: initdb in a temporary folder, as a non-root user
+        os.environ.update(pg_server.PostgresServer.env())
+        with pg_server.PostgresServer(durable=True) as pg:
+            figures = run(args.kills, args.recipients, args.connections, args.backend, args.max_delay, seed,
+                          say=say, store_url=pg.new_database())
+    else:
+        figures = run(args.kills, args.recipients, args.connections, args.backend, args.max_delay, seed, say=say)
     print(figures.table())
     print(f"({time.monotonic() - started:.0f} s)")
     for problem in figures.problems[:30]:

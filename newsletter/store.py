@@ -161,7 +161,6 @@ class Store:
     shared = False  # whether several sends of an issue may run at once
     _begin = "BEGIN IMMEDIATE"  # takes the write lock at once: no deadlock between two writers
     _contains = "instr({}, {}) > 0"
-    _unlimited = -1  # LIMIT that means no limit
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -14,6 +14,7 @@ from conftest import ROOT
 KILLS_NORMAL, RECIPIENTS_NORMAL = 5, 300  # the normal suite
 KILLS_SLOW, RECIPIENTS_SLOW = 50, 3000  # `pytest -m slow`
 KILLS_API = 5  # against the Resend stand-in, whose Idempotency-Key makes a resend harmless
+KILLS_PG = 5  # over SMTP, the ledger in PostgreSQL
 CONNECTIONS = 4
 
 
@@ -44,6 +45,14 @@ def test_killed_api_sends_resent_under_the_same_idempotency_keys_reach_everyone_
     figures = kills.run(KILLS_API, RECIPIENTS_NORMAL, 2, backend="resend", max_delay=2.0, seed=5, folder=tmp_path)
     assert_nothing_lost_or_doubled(figures, KILLS_API, RECIPIENTS_NORMAL, connections=2 * kills.API_BATCH)
     assert figures.uncertain == 0  # every one resent, and answered from its key
+
+
+def test_killed_sends_on_a_postgresql_store_lose_and_double_nobody(tmp_path, pg_server, monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", pg_server.env()["PGPASSWORD"])  # the send processes' password
+    figures = bench().run(KILLS_PG, RECIPIENTS_NORMAL, CONNECTIONS, max_delay=1.5, seed=12, folder=tmp_path,
+                          store_url=pg_server.new_database())
+    assert_nothing_lost_or_doubled(figures, KILLS_PG, RECIPIENTS_NORMAL)
+    assert figures.where["mid-send"] >= 1
 
 
 @pytest.mark.slow
