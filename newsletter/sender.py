@@ -15,14 +15,10 @@ pending for the next run.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import json
-import queue
 import random
 import secrets
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -201,6 +197,7 @@ async def _deliver(store: Store, issue: str, dest: str, factory: MessageFactory,
         await backend.close()
         return  # nothing to send: no connection (a finished send needs no server)
     run = _Run(store, issue, dest, factory, backend, settings, summary, progress, stop)
+    await run.start(backend.connections)
 
     workers = []
     try:
@@ -227,7 +224,7 @@ async def _deliver(store: Store, issue: str, dest: str, factory: MessageFactory,
             except asyncio.TimeoutError:
                 pass
     finally:
-        run.close()
+        await run.close()
         await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
         await backend.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -251,7 +248,7 @@ class _Run:
         self.backend, self.settings, self.summary, self.progress, self.stop = (
             backend, settings, summary, progress, stop)
         self.breaker = Breaker(settings.breaker)
-        self.thread = _LedgerThread(store) if store.shared else None
+        self.writers: asyncio.Queue | None = None  # a shared store's AsyncWriters, opened by start()
 
     def refuse(self, why: str) -> None:
         """A refusal that would fail everyone alike: stop now, the rest stays pending."""
@@ -404,76 +401,30 @@ class _Run:
         with self.store.transaction():
             self.store.mark_many(ids, "pending", reply=f"not sent: {why}")
 
+    async def start(self, connections: int) -> None:
+        if self.store.shared:
+            self.writers = asyncio.Queue()
+            for _ in range(connections):
+                self.writers.put_nowait(await self.store.async_writer())
+
     async def ledger(self, fn, *args, write: bool = False):
         """A store call. SQLite answers in microseconds, in this thread. A shared store's
-        server takes a round trip: the call goes to the store's own thread, so that the
-        other connections' messages go on meanwhile; `write` calls waiting together there
-        share one transaction (group commit)."""
-        if self.thread is None:
+        server takes a round trip: its `write` calls (a message's outcome, the next one's
+        mark) go to its AsyncWriter, so that the other connections' messages go on
+        meanwhile, and the writes that wait together share one commit. Measured
+        (bench/send.py --ledger): blocking the event loop for each, 0.25x SQLite's rate."""
+        if self.writers is None or not write:
             return fn(*args)
-        return await asyncio.wrap_future(self.thread.call(fn, args, write))
-
-    def close(self) -> None:
-        if self.thread is not None:
-            self.thread.close()
-
-
-class _LedgerThread:
-    """A shared store's calls during a send, in order, on one thread. The writes that
-    queue up while a round trip is on its way (a message's outcome on each connection) go
-    in the next one together: one transaction, one round trip, however many connections
-    wait. Measured (bench/send.py --ledger): a round trip each made PostgreSQL the bound."""
-
-    def __init__(self, store: Store):
-        self.store = store
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.worker = threading.Thread(target=self._run, name="ledger", daemon=True)
-        self.worker.start()
-
-    def call(self, fn, args, write: bool) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self.queue.put((fn, args, write, future))
-        return future
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.worker.join()
-
-    def _run(self) -> None:
-        while (first := self.queue.get()) is not None:
-            calls = [first]
-            while True:
-                try:
-                    calls.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = calls[-1] is None
-            calls = [c for c in calls if c is not None]
-            while calls:
-                fn, args, write, future = calls[0]
-                if not write:
-                    calls.pop(0)
-                    self._settle([(fn, args, future)], contextlib.nullcontext())
-                    continue
-                writes = []
-                while calls and calls[0][2]:
-                    fn, args, _, future = calls.pop(0)
-                    writes.append((fn, args, future))
-                self._settle(writes, self.store.writes())
-            if stop:
-                return
-
-    @staticmethod
-    def _settle(calls, around) -> None:
+        statements = self.store.bound(fn, *args)
+        writer = await self.writers.get()
         try:
-            with around:
-                results = [fn(*args) for fn, args, _ in calls]
-        except BaseException as exc:  # noqa: BLE001 -- handed to every caller of the round
-            for _, _, future in calls:
-                future.set_exception(exc)
-            return
-        for (_, _, future), result in zip(calls, results):
-            future.set_result(result)
+            await writer.write(statements)
+        finally:
+            self.writers.put_nowait(writer)
+
+    async def close(self) -> None:
+        while self.writers is not None and not self.writers.empty():
+            await self.writers.get_nowait().close()
 
 
 # -- test sends and dry runs --------------------------------------------------------------------

@@ -24,8 +24,10 @@ The password never comes from newsletter.toml: libpq reads PGPASSWORD, ~/.pgpass
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import math
 import secrets
 import time
 from urllib.parse import urlsplit
@@ -134,7 +136,7 @@ class _Connection:
 
     def execute(self, sql: str, params=()):
         if self.held is not None:  # bound here, sent with the others at the end
-            self.held.append(self.binder.mogrify(self._translate(sql), params) if params else sql)
+            self.held.append(_bind(self._translate(sql), params) if params else sql)
             return _HELD
         try:
             if not params:  # psycopg reads % signs only when given parameters
@@ -157,10 +159,44 @@ class _Connection:
 
     @property
     def in_transaction(self) -> bool:
-        return self.open or self.conn.info.transaction_status != pq.TransactionStatus.IDLE
+        return self.open or self.held is not None or self.conn.info.transaction_status != pq.TransactionStatus.IDLE
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _literal(value) -> str:
+    """A value as an SQL literal, for a session with standard_conforming_strings on (a
+    backslash is an ordinary character; a quote is doubled) in UTF-8. PostgreSQL's text
+    cannot hold NUL, which becomes U+FFFD (a server's reply is the only text here that
+    could carry one)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\x00", "\ufffd").replace("'", "''") + "'"
+    if isinstance(value, list) and all(type(v) is int for v in value):
+        return "ARRAY[" + ",".join(map(str, value)) + "]::bigint[]"
+    raise TypeError(f"no literal for {type(value).__name__}")
+
+
+def _bind(sql: str, params) -> str:
+    """The statement with its %s placeholders replaced by literals: for the marks a send
+    writes per message, psycopg's general binding (ClientCursor.mogrify) cost more than the
+    rest of the message's ledger work (bench/send.py --ledger)."""
+    parts = sql.split("%s")
+    if len(parts) != len(params) + 1:
+        raise StoreError(f"{len(parts) - 1} placeholders, {len(params)} values")  # a bug, said plainly
+    out = [parts[0].replace("%%", "%")]  # the statement's own % signs, never a value's
+    for value, part in zip(params, parts[1:]):
+        out.append(_literal(value))
+        out.append(part.replace("%%", "%"))
+    return "".join(out)
 
 
 class _Held:
@@ -231,6 +267,30 @@ class PostgresStore(Store):
                 with contextlib.suppress(psycopg.Error):
                     db.conn.execute("ROLLBACK")
                 raise db._lost(exc) from None
+
+    def bound(self, fn, *args) -> list[str]:
+        """The statements fn(self, ...) would run, bound here and not run: for a writer
+        that sends them later (AsyncWriter). fn must not read what it writes."""
+        db = self.db
+        db.held = []
+        try:
+            fn(*args)
+            return db.held
+        finally:
+            db.held = None
+
+    async def async_writer(self) -> "AsyncWriter":
+        """A second connection, in the send's event loop, for the ledger's marks."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=10,
+                                                         application_name="newsletter send")
+            await conn.execute("SET synchronous_commit TO off")  # as in sender_lock
+            # what _bind's literals are written for
+            await conn.execute("SET standard_conforming_strings TO on")
+            await conn.execute("SET client_encoding TO 'UTF8'")
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.where}: cannot connect to the store: {_first_line(exc)}") from None
+        return AsyncWriter(conn, self.where)
 
     def transaction(self, needed: bool = True):
         """As Store's; psycopg errors, such as a lost connection, become StoreError."""
@@ -444,6 +504,53 @@ class PostgresStore(Store):
             finally:
                 self.db.execute("SELECT pg_advisory_unlock(?)", (owner,))
         return sorted(found), freed + len(found)
+
+
+class AsyncWriter:
+    """The ledger's marks during a send, written without blocking the event loop: each
+    caller's statements wait while a round trip is on its way, then all that waited go
+    in one transaction, one round trip (group commit). Each caller returns only after
+    its statements are committed."""
+
+    def __init__(self, conn, where: str):
+        self.conn, self.where = conn, where
+        self.cursor = psycopg.AsyncClientCursor(conn)
+        self.waiting: list[tuple[list[str], asyncio.Future]] = []
+        self.flushing: asyncio.Task | None = None
+
+    async def write(self, statements: list[str]) -> None:
+        if not statements:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((statements, future))
+        if self.flushing is None:
+            self.flushing = asyncio.create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        try:
+            while self.waiting:
+                round_, self.waiting = self.waiting, []
+                sql = "; ".join(["BEGIN", *(s for statements, _ in round_ for s in statements), "COMMIT"])
+                try:
+                    await self.cursor.execute(sql)
+                except psycopg.Error as exc:
+                    with contextlib.suppress(psycopg.Error):
+                        await self.conn.execute("ROLLBACK")
+                    error = StoreError(f"{self.where}: the store failed: {_first_line(exc)}")
+                    for _, future in round_:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for _, future in round_:
+                    if not future.done():
+                        future.set_result(None)
+        finally:
+            self.flushing = None
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.conn.close()
 
 
 def _first_line(exc: BaseException) -> str:

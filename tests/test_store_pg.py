@@ -283,3 +283,23 @@ def test_a_claimed_row_is_claimed_once_until_it_is_deferred_or_its_run_is_gone(p
             assert [d.email for d in two.claim("issue", 10)] == [first[2].email, first[3].email,
                                                                   *addresses(6)[4:]]
         assert two.counts("issue")["uncertain"] == 1
+
+
+def test_the_marks_written_as_literals_keep_any_reply_exactly(pg_store):
+    """A send's marks reach the server as literals (store_pg._bind): whatever a server
+    replied is stored as it was, and nothing in it can end the literal."""
+    from newsletter.store_pg import PostgresStore
+    replies = ["250 2.0.0 Ok: queued as 4Xk2", "it's 100%% done; DROP TABLE deliveries; --", "back\\slash \\' \\\\",
+               "%s %(x)s {} ?", "naïve 日本 \U0001F4E8", "line\r\nbreak", "nul\x00byte", "'", ""]
+    with PostgresStore(pg_store) as store:
+        for i, _ in enumerate(replies):
+            store.add(Recipient(f"r{i}@example.com"), "test")
+        store.enqueue_subscribers("issue", lambda e: "k" + e)
+        ids = [d.id for d in store.due("issue", 100)]
+        for row_id, reply in zip(ids, replies):
+            statements = store.bound(store.mark_many, [row_id], "failed", reply, 1.5, True, "recipient", "smtp")
+            assert len(statements) == 1
+            store.db.execute(statements[0])
+        got = dict(store.db.execute("SELECT id, reply FROM deliveries"))
+        assert store.counts("issue")["failed"] == len(replies)
+    assert [got[i] for i in ids] == [r.replace("\x00", "\ufffd") for r in replies]
