@@ -601,6 +601,7 @@ def ledger_bench(sink_bin: str, n: int, sessions: int, repeat: int) -> int:
     if not pg_server.installed():
         fail("PostgreSQL's server binaries are missing: apt-get install -y postgresql", code=2)
     times: dict[str, list[float]] = {"sqlite": [], "pg": [], "two": []}
+    busy: dict[str, list[float]] = {"sqlite": [], "pg": [], "two": []}  # the machine's CPUs, all of them
     os.environ.update(pg_server.PostgresServer.env())  # the password, for our own checks of the ledger
     with tempfile.TemporaryDirectory(prefix="newsletter-bench-ledger-") as tmp, \
             pg_server.PostgresServer(durable=True) as pg:
@@ -626,21 +627,27 @@ def ledger_bench(sink_bin: str, n: int, sessions: int, repeat: int) -> int:
                            "--config", str(write_config(run_dir, store))]
                 note(f"[{r + 1}/{repeat}] SQLite ledger, one sender ...")
                 m0 = sink.counters()[1]
+                b0 = machine_busy()
                 times["sqlite"].append(run_child(command, env, tmp_path, "newsletter send (SQLite)")[0])
+                busy["sqlite"].append(machine_busy(b0))
                 check_sent(store, n, "newsletter send (SQLite)")
 
                 note(f"[{r + 1}/{repeat}] PostgreSQL ledger, one sender ...")
                 pg_env = {**env, "NEWSLETTER_STORE_URL": pg.new_database()}
+                b0 = machine_busy()
                 times["pg"].append(run_child(command, pg_env, tmp_path, "newsletter send (PostgreSQL)")[0])
+                busy["pg"].append(machine_busy(b0))
                 check_pg_sent(pg_env["NEWSLETTER_STORE_URL"], n)
 
                 note(f"[{r + 1}/{repeat}] PostgreSQL ledger, two senders at once ...")
                 pg_env = {**env, "NEWSLETTER_STORE_URL": pg.new_database()}
+                b0 = machine_busy()
                 start = time.perf_counter()
                 both = [subprocess.Popen(command, cwd=ROOT, env=pg_env, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL) for _ in range(2)]
                 outputs = [p.communicate()[0].decode(errors="replace") for p in both]
                 times["two"].append(time.perf_counter() - start)
+                busy["two"].append(machine_busy(b0))
                 for p, output in zip(both, outputs):
                     if p.returncode != 0:
                         fail(f"two senders: one exited {p.returncode}:\n{output}")
@@ -658,15 +665,26 @@ def ledger_bench(sink_bin: str, n: int, sessions: int, repeat: int) -> int:
     print(f"ledger benchmark: `newsletter send {ISSUE} --to list.csv`, {n:,} messages over {sessions} SMTP sessions"
           f" each, to one smtp-sink on 127.0.0.1; {runs}, runs alternated; nproc {os.cpu_count()}, "
           f"SQLite {sqlite3.sqlite_version}, PostgreSQL {server_version} (fsync on, default settings, loopback)")
-    print(f"  SQLite ledger, one sender         {rate['sqlite']:8,.0f} msg/s")
+    cpus = {k: f"   machine {med(v):.0%} busy" for k, v in busy.items()}
+    print(f"  SQLite ledger, one sender         {rate['sqlite']:8,.0f} msg/s" + " " * 42 + cpus["sqlite"])
     print(f"  PostgreSQL ledger, one sender     {rate['pg']:8,.0f} msg/s   {pg_ratio:5.2f}x SQLite "
-          f"(goal >= {PG_GOAL:g}x: {'ok' if pg_ratio >= PG_GOAL else 'MISSED'})")
+          f"(goal >= {PG_GOAL:g}x: {'ok' if pg_ratio >= PG_GOAL else 'MISSED'})" + cpus["pg"])
     print(f"  PostgreSQL ledger, two senders    {rate['two']:8,.0f} msg/s   {two_ratio:5.2f}x one sender "
-          f"(goal >= {TWO_GOAL:g}x: {'ok' if two_ratio >= TWO_GOAL else 'MISSED'})")
+          f"(goal >= {TWO_GOAL:g}x: {'ok' if two_ratio >= TWO_GOAL else 'MISSED'})" + cpus["two"])
+    print(f"machine busy: all {os.cpu_count()} CPUs (our senders, smtp-sink and PostgreSQL together), from /proc/stat")
     print(f"checked: each run's ledger holds {n:,} sent rows and smtp-sink counted {n:,} messages")
     print(f"rerun: cd {shlex.quote(str(ROOT))} && {shlex.quote(sys.executable)} bench/send.py --ledger"
           + (f" --messages {n}" if n != 20_000 else "") + (f" --repeat {repeat}" if repeat > 1 else ""))
     return 0
+
+
+def machine_busy(since: tuple[int, int] | None = None):
+    """/proc/stat's CPU counters now, or the share of all CPUs busy since `since`."""
+    values = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    now = (sum(values) - values[3] - values[4], sum(values))  # idle and iowait are not busy
+    if since is None:
+        return now
+    return (now[0] - since[0]) / max(now[1] - since[1], 1)
 
 
 def check_pg_sent(url: str, n: int) -> None:

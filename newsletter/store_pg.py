@@ -77,7 +77,7 @@ CREATE TABLE deliveries (
     updated_at  TEXT NOT NULL,
     claimed_by  BIGINT,
     UNIQUE (issue, destination, email)
-);
+) WITH (fillfactor = 50);
 CREATE INDEX deliveries_by_send ON deliveries (issue, destination, id);
 CREATE INDEX deliveries_by_rkey ON deliveries (rkey);
 CREATE TABLE sends (
