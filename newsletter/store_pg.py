@@ -24,7 +24,6 @@ The password never comes from newsletter.toml: libpq reads PGPASSWORD, ~/.pgpass
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
@@ -507,46 +506,24 @@ class PostgresStore(Store):
 
 
 class AsyncWriter:
-    """The ledger's marks during a send, written without blocking the event loop: each
-    caller's statements wait while a round trip is on its way, then all that waited go
-    in one transaction, one round trip (group commit). Each caller returns only after
-    its statements are committed."""
+    """A connection of its own for a send's ledger marks, used from the event loop, so
+    that while one worker's marks are on their way the other workers' messages go on.
+    The marks (bound by PostgresStore.bound) go as one query string: one transaction, one
+    round trip."""
 
     def __init__(self, conn, where: str):
         self.conn, self.where = conn, where
         self.cursor = psycopg.AsyncClientCursor(conn)
-        self.waiting: list[tuple[list[str], asyncio.Future]] = []
-        self.flushing: asyncio.Task | None = None
 
     async def write(self, statements: list[str]) -> None:
         if not statements:
             return
-        future = asyncio.get_running_loop().create_future()
-        self.waiting.append((statements, future))
-        if self.flushing is None:
-            self.flushing = asyncio.create_task(self._flush())
-        await future
-
-    async def _flush(self) -> None:
         try:
-            while self.waiting:
-                round_, self.waiting = self.waiting, []
-                sql = "; ".join(["BEGIN", *(s for statements, _ in round_ for s in statements), "COMMIT"])
-                try:
-                    await self.cursor.execute(sql)
-                except psycopg.Error as exc:
-                    with contextlib.suppress(psycopg.Error):
-                        await self.conn.execute("ROLLBACK")
-                    error = StoreError(f"{self.where}: the store failed: {_first_line(exc)}")
-                    for _, future in round_:
-                        if not future.done():
-                            future.set_exception(error)
-                    continue
-                for _, future in round_:
-                    if not future.done():
-                        future.set_result(None)
-        finally:
-            self.flushing = None
+            await self.cursor.execute("; ".join(["BEGIN", *statements, "COMMIT"]))
+        except psycopg.Error as exc:
+            with contextlib.suppress(psycopg.Error):
+                await self.conn.execute("ROLLBACK")
+            raise StoreError(f"{self.where}: the store failed: {_first_line(exc)}") from None
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
