@@ -212,7 +212,7 @@ def _api(world, provider):
 
 SEND = ["send", f"issues/{EXAMPLE.name}"]
 PROVIDERS = api_server.PROVIDERS
-COMMANDS = ["init", "new", "check", "build", "archive", "send", "serve", "snapshot", "preview", "inbox",
+COMMANDS = ["init", "new", "check", "build", "archive", "send", "serve", "snapshot", "preview", "inbox", "store",
             "status", "subscribers"]
 
 CASES = {
@@ -454,6 +454,9 @@ def test_postgres_store_password_is_never_said(world, monkeypatch):
         env["NEWSLETTER_STORE_URL"] = server.new_database()
         runs = [(env, ["subscribers", "add", "pg@example.com"], 0), (env, ["subscribers", "list"], 0),
                 (env, SEND + ["--backend", "outbox"], 0), (env, ["status", EXAMPLE.stem], 0),
+                (env, ["store", "info"], 0), (env, ["store", "migrate"], 0),
+                (env, ["store", "copy", env["NEWSLETTER_STORE_URL"], str(folder / "copy.sqlite3")], 0),
+                (env, ["store", "copy", str(folder / "copy.sqlite3"), env["NEWSLETTER_STORE_URL"]], 2),
                 ({**env, "PGPASSWORD": WRONG}, ["subscribers", "list"], 2),
                 ({**env, "PGPASSWORD": WRONG}, SEND + ["--backend", "outbox"], 2),
                 ({**env, "NEWSLETTER_STORE_URL": f"postgresql://{pg_server.USER}@127.0.0.1:{free_port()}/x"},
