@@ -381,6 +381,7 @@ class Store:
                 self.db.execute("UPDATE subscribers SET status = 'subscribed', changed_at = ?, changed_how = ?"
                                 " WHERE email = ? AND status = 'bounced'", (now_iso(), "restore", email))
                 self.db.execute("UPDATE deliveries SET state = 'pending', fault = NULL, attempts = 0,"
+                                " claimed_by = NULL,"
                                 " reply = 'restored: ' || coalesce(reply, ''), updated_at = ?"
                                 " WHERE email = ? AND state = 'failed' AND fault = ?", (now_iso(), email, RECIPIENT))
         return found
@@ -576,7 +577,8 @@ class Store:
         assert state in ("uncertain", "failed")
         theirs = " AND (fault IS NULL OR fault != 'recipient')" if state == "failed" else ""
         cur = self.db.execute(
-            "UPDATE deliveries SET state = 'pending', attempts = 0, reply = ? || coalesce(reply, ''),"
+            "UPDATE deliveries SET state = 'pending', attempts = 0, claimed_by = NULL,"
+            " reply = ? || coalesce(reply, ''),"
             f" updated_at = ? WHERE issue = ? AND destination = ? AND state = ?{theirs}",
             (reply_prefix, now_iso(), issue, dest, state))
         return cur.rowcount
