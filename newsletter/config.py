@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from .checks import address_problem, one_line_problem, suggest, url_problem
 from .errors import ConfigError
@@ -148,7 +148,8 @@ class StoreUrl(Str):
         if parts.scheme.lower() not in ("postgresql", "postgres"):
             raise ValueError(f"expected a URL like postgresql://news@db.example.com/news, got a "
                              f"{parts.scheme or 'schemeless'} URL")
-        if parts.password is not None or "password=" in parts.query.lower():
+        if parts.password is not None or any(key.strip().lower() == "password"
+                                             for key, _ in parse_qsl(parts.query, keep_blank_values=True)):
             raise ValueError("the database password is never read from the settings: put it in PGPASSWORD, "
                              "~/.pgpass or a libpq service file, and remove it from the URL")
         return value

@@ -240,7 +240,24 @@ def _bytecode_cache() -> jinja2.BytecodeCache | None:
         os.makedirs(folder, mode=0o700, exist_ok=True)
     except OSError:
         return None  # a read-only home: compile every time
-    return jinja2.FileSystemBytecodeCache(folder)
+    return _BytecodeCache(folder)
+
+
+class _BytecodeCache(jinja2.FileSystemBytecodeCache):
+    """A cache that cannot be read or written (another user's folder, a full disk) is no
+    reason to fail a command: the template is compiled instead."""
+
+    def load_bytecode(self, bucket) -> None:
+        try:
+            super().load_bytecode(bucket)
+        except OSError:
+            pass
+
+    def dump_bytecode(self, bucket) -> None:
+        try:
+            super().dump_bytecode(bucket)
+        except OSError:
+            pass
 
 
 def _template_line(exc: BaseException, name: str) -> int:

@@ -138,7 +138,7 @@ def send_issue(issue_path: str | Path, config: Config, *, backend_name: str | No
             finally:
                 progress.finish()
             # in this order: other runs only ever make fewer rows pending meanwhile
-            summary.elsewhere = store.claimed_elsewhere(issue.stem, dest)
+            summary.elsewhere = 0 if summary.stopped else store.claimed_elsewhere(issue.stem, dest)
             summary.counts = store.counts(issue.stem, dest)
     return summary
 
@@ -338,6 +338,9 @@ class _Run:
                         pending = []
             if pending and not stop.is_set():
                 await queue.put(pending)
+        except BaseException:
+            stop.set()  # the store failed (or a bug): the workers take no more from the queue
+            raise
         finally:
             for _ in tasks:
                 await queue.put(None)

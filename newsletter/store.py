@@ -113,6 +113,14 @@ def now_iso() -> str:
     return _now_cache[1]
 
 
+def storable(text: str | None) -> str | None:
+    """A server's or provider's words as a database can keep them: a lone surrogate (a
+    provider's JSON may hold one) cannot be encoded, and is replaced."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 class Delivery(NamedTuple):  # a tuple: made for every row of a send, and cheaper than a dataclass
     id: int
     email: str
@@ -319,6 +327,7 @@ class Store:
         return cur.rowcount > 0
 
     def suppress(self, email: str, reason: str, at: str | None = None) -> None:
+        reason = storable(reason)
         self.db.execute("INSERT INTO suppressions (email, reason, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                         (email, reason, at or now_iso()))
 
@@ -504,7 +513,7 @@ class Store:
                   count_attempt: bool = False, fault: str | None = None, via: str | None = None) -> None:
         """Give these rows one state: a statement per 500 rows, not one per row, which
         was the biggest part of an API send's cost per message."""
-        stamp, counted = now_iso(), 1 if count_attempt else 0
+        stamp, counted, reply = now_iso(), 1 if count_attempt else 0, storable(reply)
         for start in range(0, len(ids), 500):  # within SQLite's limit on parameters
             chunk = ids[start:start + 500]
             self.db.execute(
@@ -512,6 +521,10 @@ class Store:
                 " fault = ?, via = coalesce(?, via),"
                 f" attempts = attempts + ? WHERE id IN ({','.join('?' * len(chunk))})",
                 (state, reply, next_try, stamp, fault, via, counted, *chunk))
+
+    def snapshot(self):
+        """A transaction whose reads all see the store as it was at its start."""
+        return self.transaction()  # SQLite: BEGIN IMMEDIATE, and nobody writes meanwhile
 
     def read_table(self, table: str, columns: tuple[str, ...], chunk: int) -> Iterator[list[tuple]]:
         """Every row of a table, in lists of `chunk` (store copy)."""
@@ -551,6 +564,11 @@ class Store:
             found = [email for email, _ in self.in_flight(issue, dest)]
             self._settle(issue, dest, "")
         return found
+
+    def healthy(self) -> bool:
+        """False when the connection is gone for good (a database server restarted): the
+        web service then opens the store again."""
+        return True
 
     def claimed_elsewhere(self, issue: str, dest: str = DELIVERY) -> int:
         """Rows not done that another running send has claimed: none here."""
@@ -716,18 +734,23 @@ def table_counts(store: Store) -> dict[str, int]:
 
 
 def copy_store(source: Store, target: Store, chunk: int = 5000) -> dict[str, int]:
-    """Copy every row of `source` into `target`, which must be empty, in one transaction;
-    then check the counts of every table on both sides. Returns them."""
+    """Copy every row of `source` into `target`, which must be empty: the source read in
+    one snapshot, the target written in one transaction, which is rolled back unless
+    every table's count matches. A store with messages in flight (a send running, or
+    one that died and was not resumed) is refused: its copy could send them again."""
     if held := {t: n for t, n in table_counts(target).items() if n}:
         raise StoreError(f"{target.where} is not empty ({', '.join(f'{n} {t}' for t, n in held.items())}): "
                          "copy into a new store")
-    with target.transaction():
+    with source.snapshot(), target.transaction():
+        if flying := source.db.execute("SELECT count(*) FROM deliveries WHERE state = 'sending'").fetchone()[0]:
+            raise StoreError(f"{source.where}: {flying} message(s) are in flight (a send is running, or one "
+                             "stopped): let it finish, or run `newsletter send` again to settle them, then copy")
         for table, columns in TABLES.items():
             insert = (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})")
             for rows in source.read_table(table, columns, chunk):
                 target.db.executemany(insert, rows)
         target.after_copy()
-    copied, found = table_counts(source), table_counts(target)
-    if copied != found:
-        raise StoreError(f"the copy does not match: {source.where} has {copied}, {target.where} has {found}")
+        copied, found = table_counts(source), table_counts(target)
+        if copied != found:  # raised inside the transaction: nothing is kept
+            raise StoreError(f"the copy does not match: {source.where} has {copied}, {target.where} has {found}")
     return found

@@ -27,13 +27,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import secrets
 import time
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from .errors import StoreError
 from .outcome import DELIVERY
-from .store import SCHEMA_VERSION, Delivery, Store, now_iso
+from .store import SCHEMA_VERSION, Delivery, Store, now_iso, storable
 
 try:
     import psycopg
@@ -108,12 +109,17 @@ LOCK_SPACE = 0x6E6C  # "nl"
 
 
 def safe_url(url: str) -> str:
-    """The URL for messages: any password in it replaced."""
+    """The URL for messages: any password in it (user:password@, ?password=) replaced."""
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = parts.query
+    if any(key.strip().lower() == "password" for key, _ in parse_qsl(query, keep_blank_values=True)):
+        query = "***"
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 class _Connection:
@@ -141,7 +147,7 @@ class _Connection:
             if not params:  # psycopg reads % signs only when given parameters
                 return self.conn.execute(sql)
             return self.conn.execute(self._translate(sql), params)
-        except psycopg.Error as exc:
+        except (psycopg.Error, UnicodeError) as exc:
             raise self._lost(exc) from None
 
     def executemany(self, sql: str, rows):
@@ -164,6 +170,10 @@ class _Connection:
         self.conn.close()
 
 
+# What _literal's literals are written for, set on every connection that runs them.
+_LITERAL_SETTINGS = "SET standard_conforming_strings TO on; SET client_encoding TO 'UTF8'"
+
+
 def _literal(value) -> str:
     """A value as an SQL literal, for a session with standard_conforming_strings on (a
     backslash is an ordinary character; a quote is doubled) in UTF-8. PostgreSQL's text
@@ -178,23 +188,27 @@ def _literal(value) -> str:
     if isinstance(value, float) and math.isfinite(value):
         return repr(value)
     if isinstance(value, str):
+        if not value.isascii():  # a lone surrogate (from a provider's JSON) cannot be sent: replaced
+            value = value.encode("utf-8", "replace").decode("utf-8")
         return "'" + value.replace("\x00", "\ufffd").replace("'", "''") + "'"
     if isinstance(value, list) and all(type(v) is int for v in value):
         return "ARRAY[" + ",".join(map(str, value)) + "]::bigint[]"
     raise TypeError(f"no literal for {type(value).__name__}")
 
 
+_PLACEHOLDERS = re.compile(r"(%%|%s)")
+
+
 def _bind(sql: str, params) -> str:
     """The statement with its %s placeholders replaced by literals: for the marks a send
     writes per message, psycopg's general binding (ClientCursor.mogrify) cost more than the
     rest of the message's ledger work (bench/send.py --ledger)."""
-    parts = sql.split("%s")
-    if len(parts) != len(params) + 1:
-        raise StoreError(f"{len(parts) - 1} placeholders, {len(params)} values")  # a bug, said plainly
-    out = [parts[0].replace("%%", "%")]  # the statement's own % signs, never a value's
-    for value, part in zip(params, parts[1:]):
-        out.append(_literal(value))
-        out.append(part.replace("%%", "%"))
+    values, end = iter(params), object()
+    out = []
+    for token in _PLACEHOLDERS.split(sql):  # %% is the statement's own % sign, %s a value
+        out.append("%" if token == "%%" else _literal(next(values)) if token == "%s" else token)
+    if next(values, end) is not end:
+        raise StoreError("more values than placeholders")  # a bug, said plainly
     return "".join(out)
 
 
@@ -224,12 +238,16 @@ class PostgresStore(Store):
         if psycopg is None:
             raise StoreError(f"{self.where}: a PostgreSQL store needs psycopg: "
                              "pip install 'newsletter[postgresql]'")
+        if self.where != url:  # store copy's URLs come from the command line, not the settings
+            raise StoreError(f"{self.where}: the database password is never taken from a URL: put it in "
+                             "PGPASSWORD, ~/.pgpass or a libpq service file")
         try:
             raw = psycopg.connect(url, autocommit=True, connect_timeout=10, application_name="newsletter")
         except psycopg.Error as exc:
             raise StoreError(f"{self.where}: cannot connect to the store: {_first_line(exc)}") from None
         self.db = _Connection(raw, self.where)
         try:
+            self.db.execute(_LITERAL_SETTINGS)
             self._create_or_check(migrating)
         except psycopg.Error as exc:
             self.close()
@@ -279,14 +297,14 @@ class PostgresStore(Store):
             db.held = None
 
     async def async_writer(self) -> "AsyncWriter":
-        """A second connection, in the send's event loop, for the ledger's marks."""
+        """A connection of its own, in the send's event loop, for the ledger's marks; it
+        holds the run's lock too (sender_lock)."""
         try:
             conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=10,
                                                          application_name="newsletter send")
             await conn.execute("SET synchronous_commit TO off")  # as in sender_lock
-            # what _bind's literals are written for
-            await conn.execute("SET standard_conforming_strings TO on")
-            await conn.execute("SET client_encoding TO 'UTF8'")
+            await conn.execute(_LITERAL_SETTINGS)
+            await conn.execute("SELECT pg_advisory_lock_shared(%s)", (self.run_id,))
         except psycopg.Error as exc:
             raise StoreError(f"{self.where}: cannot connect to the store: {_first_line(exc)}") from None
         return AsyncWriter(conn, self.where)
@@ -393,6 +411,7 @@ class PostgresStore(Store):
         # server plans it once.
         # A row back to pending or deferred is nobody's until it is claimed again.
         claim = ", claimed_by = NULL" if state in ("pending", "deferred") else ""
+        reply = storable(reply)
         self.db.execute(
             "UPDATE deliveries SET state = ?, reply = coalesce(?, reply), next_try = ?, updated_at = ?,"
             f" fault = ?, via = coalesce(?, via), attempts = attempts + ?{claim} WHERE id = ANY(?)",
@@ -405,13 +424,30 @@ class PostgresStore(Store):
             (emails, emails))
         return {e.lower() for (e,) in rows}
 
+    @contextlib.contextmanager
+    def snapshot(self):
+        db = self.db
+        db.open = True
+        try:
+            db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                yield db
+            finally:
+                with contextlib.suppress(StoreError):
+                    db.execute("ROLLBACK")
+        finally:
+            db.open = False
+
     def read_table(self, table, columns, chunk):
         with self.transaction():  # a server-side cursor lives in a transaction
-            cur = self.db.conn.cursor(name=f"copy_{table}")
-            cur.execute(f"SELECT {', '.join(columns)} FROM {table}")
-            while rows := cur.fetchmany(chunk):
-                yield rows
-            cur.close()
+            try:
+                cur = self.db.conn.cursor(name=f"copy_{table}")
+                cur.execute(f"SELECT {', '.join(columns)} FROM {table}")
+                while rows := cur.fetchmany(chunk):
+                    yield rows
+                cur.close()
+            except psycopg.Error as exc:
+                raise self.db._lost(exc) from None
 
     def after_copy(self) -> None:
         for table in ("subscribers", "deliveries"):
@@ -423,9 +459,11 @@ class PostgresStore(Store):
     @contextlib.contextmanager
     def sender_lock(self, issue: str, dest: str = DELIVERY):
         """This run's own lock, held while it lives: other runs of the issue work beside
-        it, and know it is alive while they cannot take the lock."""
+        it, and know it is alive while they cannot take the lock. Shared: each of the
+        run's connections (AsyncWriter too) holds it, so a run whose first connection is
+        lost but whose writers still mark rows is not taken for dead."""
         self.run_id = secrets.randbits(62) + 1
-        self.db.execute("SELECT pg_advisory_lock(?)", (self.run_id,))
+        self.db.execute("SELECT pg_advisory_lock_shared(?)", (self.run_id,))
         # The ledger's marks, as SQLite's WAL with synchronous=NORMAL keeps them: a commit
         # survives this process being killed (the server has it) without waiting for the
         # server's disk, which made every message wait for an fsync (0.25x SQLite's rate).
@@ -436,13 +474,15 @@ class PostgresStore(Store):
         try:
             yield self
         finally:
-            with contextlib.suppress(psycopg.Error):  # a lost connection released it all already
-                self.db.execute("UPDATE deliveries SET claimed_by = NULL WHERE issue = ? AND destination = ?"
-                                " AND claimed_by = ? AND state IN ('pending', 'deferred')",
-                                (issue, dest, self.run_id))
-                self.db.execute("SELECT pg_advisory_unlock(?)", (self.run_id,))
-                self.db.execute("RESET synchronous_commit")
-            self.run_id = None
+            try:
+                with contextlib.suppress(StoreError):  # a lost connection released it all already
+                    self.db.execute("UPDATE deliveries SET claimed_by = NULL WHERE issue = ? AND destination = ?"
+                                    " AND claimed_by = ? AND state IN ('pending', 'deferred')",
+                                    (issue, dest, self.run_id))
+                    self.db.execute("SELECT pg_advisory_unlock_shared(?)", (self.run_id,))
+                    self.db.execute("RESET synchronous_commit")
+            finally:
+                self.run_id = None
 
     @contextlib.contextmanager
     def startup_lock(self, issue: str, dest: str = DELIVERY):
@@ -450,7 +490,7 @@ class PostgresStore(Store):
         try:
             yield
         finally:
-            with contextlib.suppress(psycopg.Error):
+            with contextlib.suppress(StoreError):
                 self.db.execute("SELECT pg_advisory_unlock(?, hashtext(?))", (LOCK_SPACE, f"{issue}\n{dest}"))
 
     def claim(self, issue: str, batch_size: int, after_id: int = 0, now: float | None = None,
@@ -466,6 +506,9 @@ class PostgresStore(Store):
             (self.run_id, issue, dest, after_id, now, batch_size)).fetchall()
         rows.sort()
         return [Delivery(i, e, n, json.loads(f) if f else {}, k, a) for i, e, n, f, k, a in rows]
+
+    def healthy(self) -> bool:
+        return not (self.db.conn.closed or self.db.conn.broken)
 
     def claimed_elsewhere(self, issue: str, dest: str = DELIVERY) -> int:
         """Called when this run found nothing more to claim: a pending row it did not
@@ -520,7 +563,7 @@ class AsyncWriter:
             return
         try:
             await self.cursor.execute("; ".join(["BEGIN", *statements, "COMMIT"]))
-        except psycopg.Error as exc:
+        except (psycopg.Error, UnicodeError) as exc:
             with contextlib.suppress(psycopg.Error):
                 await self.conn.execute("ROLLBACK")
             raise StoreError(f"{self.where}: the store failed: {_first_line(exc)}") from None

@@ -286,3 +286,14 @@ def test_markdown_text_keeps_no_break_spaces_and_entities():
     assert f"10{NBSP}000{NBSP}km" in text and f"6{NBSP}214{NBSP}miles" in text
     assert not re.search(f"{NBSP}\n|\n{NBSP}", text)
     assert [len(line) <= 78 for line in text.splitlines()] == [True, True]
+
+
+def test_a_template_cache_that_cannot_be_written_is_no_reason_to_fail(tmp_path):
+    """Another user's cache folder (or a full disk): the template is compiled instead."""
+    import jinja2
+    from newsletter.render import _BytecodeCache
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file where the cache folder should be")
+    env = jinja2.Environment(loader=jinja2.DictLoader({"t": "Hello {{ name }}"}),
+                             bytecode_cache=_BytecodeCache(str(not_a_folder)))
+    assert env.get_template("t").render(name="reader") == "Hello reader"

@@ -303,3 +303,95 @@ def test_the_marks_written_as_literals_keep_any_reply_exactly(pg_store):
         got = dict(store.db.execute("SELECT id, reply FROM deliveries"))
         assert store.counts("issue")["failed"] == len(replies)
     assert [got[i] for i in ids] == [r.replace("\x00", "\ufffd") for r in replies]
+
+
+# -- from the review of the store: each of these failed before its fix ------------------------------
+
+def terminate(url, pid):
+    with open_at(url) as other:
+        other.db.execute(f"SELECT pg_terminate_backend({int(pid)})")
+
+
+def test_a_run_whose_first_connection_is_lost_is_alive_while_its_writers_are(pg_store):
+    import asyncio
+    from newsletter.store_pg import PostgresStore
+    with PostgresStore(pg_store) as one, PostgresStore(pg_store) as two:
+        for address in addresses(4):
+            one.add(Recipient(address), "test")
+        one.enqueue_subscribers("issue", lambda e: "k" + e)
+        with pytest.raises(StoreError), one.sender_lock("issue"):
+            rows = one.claim("issue", 4)
+            one.mark_many([rows[0].id], "sending")
+
+            async def with_a_writer():
+                writer = await one.async_writer()
+                try:
+                    terminate(pg_store, one.db.conn.info.backend_pid)  # the run's first connection
+                    assert two.settle_in_flight("issue") == []  # its writer lives: not taken for dead
+                    assert two.claim("issue", 4) == []
+                    await writer.write(one.bound(one.mark_many, [rows[0].id], "sent", "250 ok"))
+                finally:
+                    await writer.close()
+            asyncio.run(with_a_writer())
+            one.claim("issue", 4)  # its first connection is gone: a StoreError, and the run ends
+        # every connection of `one` is gone now: its claims are freed
+        assert two.settle_in_flight("issue") == []  # nothing was left in flight: its row was marked sent
+        assert [d.email for d in two.claim("issue", 4)] == addresses(4)[1:]
+
+
+def test_a_lost_connection_keeps_the_error_that_stopped_the_run(pg_store):
+    from newsletter.store_pg import PostgresStore
+    with PostgresStore(pg_store) as store:
+        with pytest.raises(ZeroDivisionError):  # not the cleanup's own StoreError
+            with store.sender_lock("issue"), store.startup_lock("issue"):
+                terminate(pg_store, store.db.conn.info.backend_pid)
+                1 / 0
+        assert store.run_id is None
+
+
+def test_a_reply_with_a_lone_surrogate_is_stored_not_a_traceback(pg_store):
+    from newsletter.store_pg import PostgresStore
+    with PostgresStore(pg_store) as store:
+        store.add(Recipient("a@example.com"), "test")
+        store.enqueue_subscribers("issue", lambda e: "k" + e)
+        (row,) = store.due("issue", 10)
+        store.db.execute(store.bound(store.mark_many, [row.id], "failed", "550 \ud800 refused")[0])
+        assert store.db.execute("SELECT reply FROM deliveries").fetchone()[0] == "550 ? refused"
+        store.mark_many([row.id], "failed", "550 \udc80 again")  # the direct path too
+        assert store.db.execute("SELECT reply FROM deliveries").fetchone()[0] == "550 ? again"
+
+
+def test_a_store_with_messages_in_flight_is_not_copied(tmp_path, pg_store):
+    source = tmp_path / "store.sqlite3"
+    with Store(source) as store:
+        store.add(Recipient("a@example.com"), "test")
+        store.enqueue_subscribers("issue", lambda e: "k" + e)
+        store.mark_many([d.id for d in store.due("issue", 10)], "sending")
+    refused = run_cli("store", "copy", source, pg_store)
+    assert refused.returncode == 2 and "in flight" in refused.stderr
+    with open_at(pg_store) as target:
+        assert target.db.execute("SELECT count(*) FROM subscribers").fetchone()[0] == 0  # nothing kept
+
+
+def test_a_password_hidden_in_the_query_is_refused_and_never_shown(pg_store, pg_server):
+    hidden = pg_store + "?pass%77ord=" + pg_server.env()["PGPASSWORD"]
+    for args, env in ((("subscribers", "list"), {"NEWSLETTER_STORE_URL": hidden, "PGPASSWORD": ""}),
+                      (("store", "copy", hidden, "/nonexistent/x.sqlite3"), {})):
+        result = run_cli(*args, env=env)
+        assert result.returncode == 2 and "password" in result.stderr
+        assert pg_server.env()["PGPASSWORD"] not in result.stdout + result.stderr
+
+
+def test_serve_opens_the_store_again_after_the_database_server_dropped_it(pg_store):
+    import asyncio
+    from newsletter.config import Store as StoreSettings
+    from newsletter.web.plumbing import StoreThread
+    thread = StoreThread(StoreSettings(path=None, url=pg_store))
+
+    async def calls():
+        pid = await thread.call(lambda store: store.db.conn.info.backend_pid)
+        terminate(pg_store, pid)
+        with pytest.raises(StoreError):
+            await thread.call(lambda store: store.status("a@example.com"))
+        return await thread.call(lambda store: store.status("a@example.com"))
+    assert asyncio.run(calls()) is None  # answered again, on a new connection

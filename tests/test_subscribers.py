@@ -385,3 +385,15 @@ def test_add_validates_and_cleans(project):
     assert ok.returncode == 0
     assert ok.stdout.strip() == "Ada@example.com: added"
     assert rows(project)["Ada@example.com"][0] == "Ada Lovelace"  # white space tidied
+
+
+def test_a_reply_with_a_lone_surrogate_is_kept_readable(new_store):
+    """A provider's JSON may decode to a lone surrogate, which no database can encode."""
+    with new_store() as store:
+        store.add(Recipient("a@example.com"), "test")
+        store.enqueue_subscribers("issue", lambda email: "k" + email)
+        (row,) = store.due("issue", 10)
+        store.mark_many([row.id], "failed", "550 \udc80 refused", fault="recipient")
+        store.suppress("a@example.com", "hard bounce \ud800")
+        assert store.problems("issue")[0][2] == "550 ? refused"
+        assert list(store.suppressions())[0][1] == "hard bounce ?"

@@ -187,6 +187,9 @@ class StoreThread:
                     answers.setdefault(loop, []).append((future, True, fn(store, *args)))
                 except BaseException as exc:  # handed to the handler, which says 503
                     answers.setdefault(loop, []).append((future, False, exc))
+            if store is not None and not store.healthy():  # the database server went away: open it again
+                store.close()
+                store = None
             for loop, done in answers.items():
                 try:
                     loop.call_soon_threadsafe(_settle, done)
