@@ -10,11 +10,15 @@ differently here:
   schema; an older one is upgraded only by `newsletter store migrate`, since other
   machines may still run the tool that made it, and a newer one is refused.
 - Several `send` processes of one issue split the list instead of refusing each other.
-  Each run holds a session advisory lock on a random id of its own for as long as it
-  lives, and claims rows a batch at a time (FOR UPDATE SKIP LOCKED, `claimed_by` = its
-  id). A run that dies loses its connection, and so its lock: the next run to look finds
-  the lock free, makes the dead run's `sending` rows uncertain and frees its claims.
-  Starting up (settling, filling the ledger) takes a lock on the issue, one run at a time.
+  Each run holds a shared advisory lock on a random id of its own on every connection it
+  has, for as long as it lives, and claims rows a batch at a time (FOR UPDATE SKIP
+  LOCKED, `claimed_by` = its id). A run that dies loses its connections, and so its
+  lock: the next run to look takes the lock, makes the dead run's `sending` rows
+  uncertain and frees its claims. Starting up (settling, filling the ledger) takes a
+  lock on the issue, one run at a time.
+- A send's marks (a message's outcome and the next one's `sending`) go from the event
+  loop, on a connection for each worker (AsyncWriter), bound as literals in one query
+  string: one round trip, and the other workers go on meanwhile.
 - Every statement commits at once unless inside Store.transaction(), so an unsubscribe
   committed by any `serve` is seen by the next batch of every send.
 
