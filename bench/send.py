@@ -302,6 +302,22 @@ def smtp_source_length(wire_size: float) -> tuple[int, int]:
 
 # -- timing ---------------------------------------------------------------------------------------
 
+def send_env(sink, sessions: int) -> dict[str, str]:
+    """Our send's environment: SMTP to the sink, plain, S connections never recycled."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    env.update({
+        "NEWSLETTER_SECRET": "bench-secret-not-for-real-use-0123456789abcdef",
+        "NEWSLETTER_SEND_BACKEND": "smtp",
+        "NEWSLETTER_SMTP_HOST": "127.0.0.1",
+        "NEWSLETTER_SMTP_PORT": str(sink.port),
+        "NEWSLETTER_SMTP_SECURITY": "none",
+        "NEWSLETTER_SMTP_CONNECTIONS": str(sessions),
+        "NEWSLETTER_SMTP_MESSAGES_PER_CONNECTION": "1000000",
+        "NEWSLETTER_SMTP_HELO_NAME": HELO,
+    })
+    return env
+
+
 def run_child(command: list[str], env: dict[str, str] | None, folder: Path, what: str) -> tuple[float, float, int, str]:
     """Run ``command`` in the repo root; (wall seconds, CPU seconds, peak RSS in KB, its
     output), the last two of that child alone (and its own children), from wait4. Exits on
@@ -382,17 +398,7 @@ def main() -> int:
         tmp_path = Path(tmp)
         sink = Sink(sink_bin, tmp_path)
         try:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-            env.update({
-                "NEWSLETTER_SECRET": "bench-secret-not-for-real-use-0123456789abcdef",
-                "NEWSLETTER_SEND_BACKEND": "smtp",
-                "NEWSLETTER_SMTP_HOST": "127.0.0.1",
-                "NEWSLETTER_SMTP_PORT": str(sink.port),
-                "NEWSLETTER_SMTP_SECURITY": "none",
-                "NEWSLETTER_SMTP_CONNECTIONS": str(sessions),
-                "NEWSLETTER_SMTP_MESSAGES_PER_CONNECTION": "1000000",
-                "NEWSLETTER_SMTP_HELO_NAME": HELO,
-            })
+            env = send_env(sink, sessions)
             note(f"writing a list of {n:,} recipients ...")
             template = tmp_path / "template.sqlite3"
             make_store(template, 0)  # an empty store: the list comes with --to
@@ -608,14 +614,7 @@ def ledger_bench(sink_bin: str, n: int, sessions: int, repeat: int) -> int:
         tmp_path = Path(tmp)
         sink = Sink(sink_bin, tmp_path)
         try:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-            env.update({
-                "NEWSLETTER_SECRET": "bench-secret-not-for-real-use-0123456789abcdef",
-                "NEWSLETTER_SEND_BACKEND": "smtp", "NEWSLETTER_SMTP_HOST": "127.0.0.1",
-                "NEWSLETTER_SMTP_PORT": str(sink.port), "NEWSLETTER_SMTP_SECURITY": "none",
-                "NEWSLETTER_SMTP_CONNECTIONS": str(sessions), "NEWSLETTER_SMTP_MESSAGES_PER_CONNECTION": "1000000",
-                "NEWSLETTER_SMTP_HELO_NAME": HELO, **pg.env(),
-            })
+            env = {**send_env(sink, sessions), **pg.env()}
             recipients = tmp_path / "list.csv"
             make_list(recipients, n)
             template = tmp_path / "template.sqlite3"

@@ -164,6 +164,11 @@ class _Connection(sqlite3.Connection):
             raise StoreError(f"{self.store_path}: {_why(self.store_path, exc)}") from exc
 
 
+def deliveries(rows) -> list[Delivery]:
+    """Delivery tuples from (id, email, name, fields, rkey, attempts) rows."""
+    return [Delivery(i, e, n, json.loads(f) if f else {}, k, a) for i, e, n, f, k, a in rows]
+
+
 class Store:
     kind = "SQLite"
     shared = False  # whether several sends of an issue may run at once
@@ -486,7 +491,7 @@ class Store:
             " WHERE issue = ? AND destination = ? AND id > ?"
             " AND (state = 'pending' OR (state = 'deferred' AND next_try <= ?))"
             " ORDER BY id LIMIT ?", (issue, dest, after_id, now, batch_size)).fetchall()
-        return [Delivery(i, e, n, json.loads(f) if f else {}, k, a) for i, e, n, f, k, a in rows]
+        return deliveries(rows)
 
     def blocked(self, emails: list[str]) -> set[str]:
         """Which of these addresses must not be sent to now (checked again right before sending)."""

@@ -29,7 +29,6 @@ The password never comes from newsletter.toml: libpq reads PGPASSWORD, ~/.pgpass
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import secrets
@@ -38,7 +37,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .errors import StoreError
 from .outcome import DELIVERY
-from .store import SCHEMA_VERSION, Delivery, Store, now_iso, storable
+from .store import SCHEMA_VERSION, Delivery, Store, deliveries, now_iso, storable
 
 try:
     import psycopg
@@ -509,7 +508,7 @@ class PostgresStore(Store):
             " RETURNING id, email, name, fields, rkey, attempts",
             (self.run_id, issue, dest, after_id, now, batch_size)).fetchall()
         rows.sort()
-        return [Delivery(i, e, n, json.loads(f) if f else {}, k, a) for i, e, n, f, k, a in rows]
+        return deliveries(rows)
 
     def healthy(self) -> bool:
         return not (self.db.conn.closed or self.db.conn.broken)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import email
 import email.policy
-import html
 import json
 import os
 import re

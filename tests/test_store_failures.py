@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from conftest import EXAMPLE, ROOT, addresses, config_for, subscribe

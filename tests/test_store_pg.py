@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 from conftest import EXAMPLE, ROOT, addresses, config_for, run_cli, store_of, subscribe

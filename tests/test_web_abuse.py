@@ -17,7 +17,6 @@ import socket
 import sqlite3
 import struct
 import time
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization

@@ -18,7 +18,6 @@ import re
 import sys
 import threading
 import time
-from pathlib import Path
 
 from starlette.exceptions import HTTPException
 from starlette.responses import PlainTextResponse
