@@ -164,6 +164,12 @@ class _Connection(sqlite3.Connection):
             raise StoreError(f"{self.store_path}: {_why(self.store_path, exc)}") from exc
 
 
+# A row due to be sent, after a given id: its parameters are the issue, the destination,
+# the id and the time now (pending, or deferred and its retry due).
+DUE = ("issue = ? AND destination = ? AND id > ?"
+       " AND (state = 'pending' OR (state = 'deferred' AND next_try <= ?))")
+
+
 def deliveries(rows) -> list[Delivery]:
     """Delivery tuples from (id, email, name, fields, rkey, attempts) rows."""
     return [Delivery(i, e, n, json.loads(f) if f else {}, k, a) for i, e, n, f, k, a in rows]
@@ -251,9 +257,7 @@ class Store:
     def check_writable(self) -> None:
         """StoreError now if this store cannot be written (read-only file, folder or mount),
         rather than at a reader's first click. Writes the header's version as it is, and
-        rolls back: nothing changes. (A database server says so at its first write.)"""
-        if self.kind != "SQLite":
-            return
+        rolls back: nothing changes."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -275,8 +279,8 @@ class Store:
             else contextlib.nullcontext(self.db)
 
     def writes(self, needed: bool = True):
-        """A transaction of writes whose results nobody reads (a batch's outcomes); the
-        PostgreSQL store sends them all at once."""
+        """A transaction of writes whose results nobody reads (a batch's outcomes): on a
+        shared store, a send binds them for its writers (PostgresStore.bound)."""
         return self.transaction(needed)
 
     def _pages(self, sql: str, args: tuple, page: int = 5000) -> Iterator[tuple]:
@@ -487,10 +491,7 @@ class Store:
         """The next batch of rows to send (pending, or deferred and due), by id."""
         now = time.time() if now is None else now
         rows = self.db.execute(
-            "SELECT id, email, name, fields, rkey, attempts FROM deliveries"
-            " WHERE issue = ? AND destination = ? AND id > ?"
-            " AND (state = 'pending' OR (state = 'deferred' AND next_try <= ?))"
-            " ORDER BY id LIMIT ?", (issue, dest, after_id, now, batch_size)).fetchall()
+            f"SELECT id, email, name, fields, rkey, attempts FROM deliveries WHERE {DUE} ORDER BY id LIMIT ?", (issue, dest, after_id, now, batch_size)).fetchall()
         return deliveries(rows)
 
     def blocked(self, emails: list[str]) -> set[str]:

@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .errors import StoreError
 from .outcome import DELIVERY
-from .store import SCHEMA_VERSION, Delivery, Store, deliveries, now_iso, storable
+from .store import DUE, SCHEMA_VERSION, Delivery, Store, deliveries, now_iso, storable
 
 try:
     import psycopg
@@ -132,8 +132,7 @@ class _Connection:
     def __init__(self, conn, where: str):
         self.conn, self.where = conn, where
         self.open = False  # inside PostgresStore.transaction()
-        self.held: list[str] | None = None  # inside PostgresStore.writes(): statements held, bound
-        self.binder = psycopg.ClientCursor(conn)
+        self.held: list[str] | None = None  # inside PostgresStore.bound(): statements held, bound
         self._sql: dict[str, str] = {}
 
     def _translate(self, sql: str) -> str:
@@ -262,31 +261,6 @@ class PostgresStore(Store):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.db.close()
-
-    @contextlib.contextmanager
-    def writes(self, needed: bool = True):
-        """A transaction of writes whose answers nobody reads (a batch's outcomes): the
-        statements are held, bound on this side, and sent with BEGIN and COMMIT in one
-        query string: one round trip for a message's outcome and the next one's mark."""
-        db = self.db
-        if db.in_transaction or db.held is not None:
-            yield db
-            return
-        db.held = []
-        try:
-            yield db
-            statements = db.held
-        finally:
-            db.held = None
-        if len(statements) > 1 or needed:
-            statements = ["BEGIN", *statements, "COMMIT"]
-        if statements:
-            try:
-                db.binder.execute("; ".join(statements))
-            except psycopg.Error as exc:
-                with contextlib.suppress(psycopg.Error):
-                    db.conn.execute("ROLLBACK")
-                raise db._lost(exc) from None
 
     def bound(self, fn, *args) -> list[str]:
         """The statements fn(self, ...) would run, bound here and not run: for a writer
@@ -500,9 +474,7 @@ class PostgresStore(Store):
               dest: str = DELIVERY) -> list[Delivery]:
         now = time.time() if now is None else now
         rows = self.db.execute(
-            "UPDATE deliveries SET claimed_by = ? WHERE id IN (SELECT id FROM deliveries"
-            " WHERE issue = ? AND destination = ? AND id > ?"
-            " AND (state = 'pending' OR (state = 'deferred' AND next_try <= ?))"
+            f"UPDATE deliveries SET claimed_by = ? WHERE id IN (SELECT id FROM deliveries WHERE {DUE}"
             # nobody's: a run's own claims wait in its queue already
             " AND claimed_by IS NULL ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED)"
             " RETURNING id, email, name, fields, rkey, attempts",
@@ -512,6 +484,9 @@ class PostgresStore(Store):
 
     def healthy(self) -> bool:
         return not (self.db.conn.closed or self.db.conn.broken)
+
+    def check_writable(self) -> None:
+        """Nothing to try first: a database server refuses a write when it comes, plainly."""
 
     def claimed_elsewhere(self, issue: str, dest: str = DELIVERY) -> int:
         """Called when this run found nothing more to claim: a pending row it did not
