@@ -34,7 +34,7 @@ from .outcome import (DEFERRED, DELIVERY, FAILED, SENDING, SENT, SKIPPED, UNCERT
 from .reader import read_issue
 from .recipients import CsvReport, Recipient, address_problem, normalize, read_csv
 from .render import Renderer
-from .store import Delivery, Store, open_store
+from .store import Delivery, Mark, SendLedger, Store, open_store
 from .tokens import Signer
 
 SECRET_HELP = ("NEWSLETTER_SECRET is not set; it signs the unsubscribe links. Make one with: "
@@ -199,7 +199,7 @@ async def _deliver(store: Store, issue: str, dest: str, factory: MessageFactory,
 
     workers = []
     try:
-        await run.start(backend.connections)
+        await run.start()
         for _ in range(backend.connections):
             workers.append(await backend.open_worker())
         while not stop.is_set():
@@ -239,7 +239,14 @@ def _note_stop(summary: SendSummary, why: str) -> None:
 
 class _Run:
     """One send run: a producer reads due rows and builds messages, one task per worker
-    sends them, and every answer goes through outcome.decide into the ledger."""
+    sends them, and every answer goes through outcome.decide into the ledger.
+
+    A message goes out only once the ledger says `sending` for it: the commit that says
+    so must be done before the SMTP client sends the final "." (the `ready` future of
+    Worker.send_batch), so that a crash leaves at most one row in flight a connection.
+    The commit also carries the outcome of the connection's message before. SQLite has
+    committed by the time the message is built; a database server's commit travels
+    while the message does."""
 
     def __init__(self, store: Store, issue: str, dest: str, factory: MessageFactory, backend: Backend,
                  settings, summary: SendSummary, progress: Progress, stop: asyncio.Event):
@@ -247,7 +254,7 @@ class _Run:
         self.backend, self.settings, self.summary, self.progress, self.stop = (
             backend, settings, summary, progress, stop)
         self.breaker = Breaker(settings.breaker)
-        self.writers: asyncio.Queue | None = None  # a shared store's AsyncWriters, opened by start()
+        self.ledger: SendLedger | None = None  # opened by start()
 
     def refuse(self, why: str) -> None:
         """A refusal that would fail everyone alike: stop now, the rest stays pending."""
@@ -256,7 +263,7 @@ class _Run:
         self.stop.set()
 
     async def one_pass(self, workers) -> None:
-        store, stop, batch_size = self.store, self.stop, self.backend.batch_size
+        ledger, stop, batch_size = self.ledger, self.stop, self.backend.batch_size
         # Messages wait here already built: a few each for SMTP, one batch each for the APIs
         # (a Postmark batch of 500 complete messages is 20 MB).
         queue: asyncio.Queue = asyncio.Queue(maxsize=len(workers) * (8 if batch_size == 1 else 1))
@@ -266,14 +273,15 @@ class _Run:
             ended = [False]  # this worker has taken its end-of-queue None
             try:
                 await deliver_from_queue(worker, ended)
-            except Exception as exc:  # a bug: stop everything, but never leave the producer waiting
+            except Exception as exc:  # a bug, or the store failed: stop everything, but never leave the producer waiting
                 fatal.append(exc)
                 stop.set()
                 while not ended[0]:
                     ended[0] = await queue.get() is None
 
         async def deliver_from_queue(worker, ended):
-            batch = None  # when set: already marked `sending`, with the last batch's outcomes
+            batch = None  # when set: its `sending` mark written, and `ready` the commit's future
+            ready = None
             while True:
                 if batch is None:
                     if (pause := worker.pause()) and not stop.is_set():
@@ -287,11 +295,13 @@ class _Run:
                     if stop.is_set():
                         batch = None
                         continue  # still pending in the ledger: the next run sends it
-                    await self.write(self._mark_sending, [d.id for d, _ in batch])
+                    ready = ledger.write(self._sending(batch))
                 try:
-                    outcomes = await worker.send_batch([message for _, message in batch])
+                    outcomes = await worker.send_batch([message for _, message in batch], ready)
+                    await _committed(ready)  # so that its outcome is written after its `sending`
                 except SendError as exc:
-                    self._put_back([d.id for d, _ in batch], str(exc))
+                    await _committed(ready)
+                    await _committed(ledger.write([Mark(d.id, "pending", f"not sent: {exc}") for d, _ in batch]))
                     fatal.append(exc)
                     stop.set()
                     batch = None
@@ -301,41 +311,44 @@ class _Run:
                 following = queue.get_nowait() if not (queue.empty() or stop.is_set() or worker.pause()) \
                     else False
                 ended[0] = following is None
-                marked = await self.record([d for d, _ in batch], outcomes, following or None)
+                ready, marked = self.record([d for d, _ in batch], outcomes, following or None)
                 if following is None:
                     break  # that was the end of the queue
                 batch = following if marked else None
 
         # Alone, a run reads a big batch at a time; beside other senders of the issue, it
         # claims only what its workers will soon send, so that all of them share the list.
-        claim_size = max(self.settings.batch_size, batch_size) if not store.shared else \
-            min(self.settings.batch_size, max(batch_size, 8 * len(workers)))
+        claim_size = max(self.settings.batch_size, batch_size) if not self.store.shared else \
+            min(self.settings.batch_size, max(batch_size, 32 * len(workers)))
         tasks = [asyncio.create_task(work(w)) for w in workers]
         try:
             after = 0
             pending: list = []
             while not stop.is_set():
-                rows = store.claim(self.issue, claim_size, after_id=after, dest=self.dest)
+                rows = await ledger.claim(self.issue, claim_size, after, self.dest)
                 if not rows:
-                    if after and store.shared:  # rows skipped while another run held them: look again
+                    if after and self.store.shared:  # rows skipped while another run held them: look again
                         after = 0
                         continue
                     break
                 after = rows[-1].id
-                blocked = store.blocked([d.email for d in rows])
+                blocked = await ledger.blocked([d.email for d in rows])
+                skipped = []
                 for delivery in rows:
                     if stop.is_set():
                         break
                     if delivery.email.lower() in blocked:
-                        store.mark(delivery.id, SKIPPED, reply="unsubscribed or suppressed before sending")
-                        self.summary.this_run[SKIPPED] += 1
-                        self.progress.advance(SKIPPED)
+                        skipped.append(Mark(delivery.id, SKIPPED, "unsubscribed or suppressed before sending"))
                         continue
                     pending.append((delivery, self.factory.build(delivery.email, delivery.name, delivery.rkey,
                                                                  fields=delivery.fields)))
                     if len(pending) == batch_size:
                         await queue.put(pending)
                         pending = []
+                if skipped:
+                    ledger.write(skipped)  # committed in turn; the pass waits for it at its end
+                    self.summary.this_run[SKIPPED] += len(skipped)
+                    self.progress.advance(SKIPPED, len(skipped))
             if pending and not stop.is_set():
                 await queue.put(pending)
         except BaseException:
@@ -347,16 +360,17 @@ class _Run:
             await asyncio.gather(*tasks)
         if fatal:
             raise fatal[0]
+        await ledger.flush()  # what the pass wrote is in the ledger before the run reads it
 
-    async def record(self, deliveries: list[Delivery], outcomes: list[Outcome],
-                     following: list | None = None) -> bool:
-        """Write a batch's outcomes as outcome.decide says: rows with the same result
-        share one UPDATE. One jitter for the batch: its deferred rows fall due together and
-        go out again as one batch (for Resend, under the same Idempotency-Key). The
-        `following` batch is marked `sending` in the same transaction unless these
-        outcomes stop the run; returns whether it was."""
+    def record(self, deliveries: list[Delivery], outcomes: list[Outcome],
+               following: list | None = None) -> tuple[asyncio.Future | None, bool]:
+        """Write a batch's outcomes as outcome.decide says. One jitter for the batch: its
+        deferred rows fall due together and go out again as one batch (for Resend, under
+        the same Idempotency-Key). The `following` batch is marked `sending` in the same
+        commit unless these outcomes stop the run. Returns the commit's future (None:
+        committed) and whether `following` was marked."""
         settings = self.settings
-        groups: dict[tuple, list[int]] = {}
+        marks: list[Mark] = []
         suppress: list[tuple[str, str]] = []
         stops: list[str] = []
         now, jitter = time.time(), random.uniform(0.9, 1.1)
@@ -364,69 +378,42 @@ class _Run:
             decision = decide(outcome, delivery.attempts + 1, settings.max_attempts, settings.retry_delay, now,
                               jitter)
             fault = None if decision.state == SENT else outcome.fault
-            groups.setdefault((decision.state, decision.reply, decision.next_try, fault), []).append(delivery.id)
+            marks.append(Mark(delivery.id, decision.state, decision.reply, decision.next_try, fault))
             if decision.suppress:
                 suppress.append((delivery.email, decision.reply))
             if decision.stop:
                 stops.append(decision.stop)
         why = stops[0] if stops else self.breaker.observe(outcomes)
-        following_ids = [d.id for d, _ in following] if following and not why else []
-        await self.write(self._write_outcomes, groups, suppress, following_ids, len(deliveries) > 1)
-        for (state, reply, _next_try, _fault), ids in groups.items():
+        marked = bool(following) and not why
+        done = self.ledger.write(marks + (self._sending(following) if marked else []), suppress)
+        tally: dict[str, int] = {}
+        reasons = self.summary.reasons
+        for mark in marks:
+            tally[mark.state] = tally.get(mark.state, 0) + 1
+            if mark.state in (FAILED, UNCERTAIN):
+                reasons[mark.state, mark.reply] = reasons.get((mark.state, mark.reply), 0) + 1
+        for state, count in tally.items():
             if state in self.summary.this_run:  # not the rows a refusal put back to pending
-                self.summary.this_run[state] += len(ids)
-                self.progress.advance(state, len(ids))
-            if state in (FAILED, UNCERTAIN):
-                reasons = self.summary.reasons
-                reasons[state, reply] = reasons.get((state, reply), 0) + len(ids)
+                self.summary.this_run[state] += count
+                self.progress.advance(state, count)
         if why:
             self.refuse(why)
-        return bool(following_ids)
+        return done, marked
 
-    def _write_outcomes(self, groups: dict, suppress: list, following_ids: list[int], several: bool) -> None:
-        store = self.store
-        with store.writes(several or bool(suppress) or bool(following_ids)):
-            for (state, reply, next_try, fault), ids in groups.items():
-                store.mark_many(ids, state, reply, next_try=next_try, fault=fault)
-            for email, reply in suppress:
-                store.suppress(email, reply)
-                store.set_status(email, "bounced", f"send {reply}")
-            if following_ids:
-                store.mark_many(following_ids, SENDING, count_attempt=True, via=self.backend.name)
+    def _sending(self, batch: list) -> list[Mark]:
+        return [Mark(d.id, SENDING, via=self.backend.name, attempt=1) for d, _ in batch]
 
-    def _mark_sending(self, ids: list[int]) -> None:
-        with self.store.writes(len(ids) > 1):
-            self.store.mark_many(ids, SENDING, count_attempt=True, via=self.backend.name)
-
-    def _put_back(self, ids: list[int], why: str) -> None:
-        with self.store.transaction():
-            self.store.mark_many(ids, "pending", reply=f"not sent: {why}")
-
-    async def start(self, connections: int) -> None:
-        if self.store.shared:
-            self.writers = asyncio.Queue()
-            for _ in range(connections):
-                self.writers.put_nowait(await self.store.async_writer())
-
-    async def write(self, fn, *args) -> None:
-        """fn(*args): the ledger's marks for a message (its outcome, the next one's
-        `sending`). SQLite commits them in microseconds, here. A shared store's server takes
-        a round trip: the statements go to an AsyncWriter of their own, so that the other
-        connections' messages go on meanwhile (measured, bench/send.py --ledger: blocking
-        the event loop for each round trip made PostgreSQL 0.37x SQLite; this, 0.47x)."""
-        if self.writers is None:
-            fn(*args)
-            return
-        statements = self.store.bound(fn, *args)
-        writer = await self.writers.get()
-        try:
-            await writer.write(statements)
-        finally:
-            self.writers.put_nowait(writer)
+    async def start(self) -> None:
+        self.ledger = await self.store.send_ledger()
 
     async def close(self) -> None:
-        while self.writers is not None and not self.writers.empty():
-            await self.writers.get_nowait().close()
+        if self.ledger is not None:
+            await self.ledger.close()
+
+
+async def _committed(done: asyncio.Future | None) -> None:
+    if done is not None:
+        await done
 
 
 # -- test sends and dry runs --------------------------------------------------------------------

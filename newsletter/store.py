@@ -25,6 +25,7 @@ claims work. `open_store(settings)` picks one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import fcntl
@@ -170,6 +171,22 @@ DUE = ("issue = ? AND destination = ? AND id > ?"
        " AND (state = 'pending' OR (state = 'deferred' AND next_try <= ?))")
 
 
+SET_STATUS = "UPDATE subscribers SET status = ?, changed_at = ?, changed_how = ? WHERE email = ? AND status != ?"
+SUPPRESS = "INSERT INTO suppressions (email, reason, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+
+
+class Mark(NamedTuple):
+    """A row's new state, as a send writes it: a message's outcome, or `sending` just
+    before it goes out (with `attempt` 1: one more try counted)."""
+    id: int
+    state: str
+    reply: str | None = None
+    next_try: float = 0
+    fault: str | None = None
+    via: str | None = None
+    attempt: int = 0
+
+
 def deliveries(rows) -> list[Delivery]:
     """Delivery tuples from (id, email, name, fields, rkey, attempts) rows."""
     return [Delivery(i, e, n, json.loads(f) if f else {}, k, a) for i, e, n, f, k, a in rows]
@@ -278,11 +295,6 @@ class Store:
         return _Transaction(self.db, self._begin) if needed and not self.db.in_transaction \
             else contextlib.nullcontext(self.db)
 
-    def writes(self, needed: bool = True):
-        """A transaction of writes whose results nobody reads (a batch's outcomes): on a
-        shared store, a send binds them for its writers (PostgresStore.bound)."""
-        return self.transaction(needed)
-
     def _pages(self, sql: str, args: tuple, page: int = 5000) -> Iterator[tuple]:
         """Rows of `sql` (whose first column is the unique email it is ordered by; `args`
         fill its placeholders before {after} and LIMIT), a page
@@ -330,15 +342,12 @@ class Store:
 
     def set_status(self, email: str, status: str, how: str) -> bool:
         assert status in STATUSES
-        cur = self.db.execute(
-            "UPDATE subscribers SET status = ?, changed_at = ?, changed_how = ? WHERE email = ? AND status != ?",
-            (status, now_iso(), how, email, status))
+        cur = self.db.execute(SET_STATUS, (status, now_iso(), how, email, status))
         return cur.rowcount > 0
 
     def suppress(self, email: str, reason: str, at: str | None = None) -> None:
         reason = storable(reason)
-        self.db.execute("INSERT INTO suppressions (email, reason, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                        (email, reason, at or now_iso()))
+        self.db.execute(SUPPRESS, (email, reason, at or now_iso()))
 
     def suppressions(self) -> Iterator[tuple[str, str, str]]:
         """(email, reason, created_at), in address order."""
@@ -462,29 +471,30 @@ class Store:
 
     def enqueue(self, issue: str, recipients: Iterable[Recipient], key_of, chunk: int = 5000,
                 dest: str = DELIVERY) -> int:
+        """Add a list's readers who have no row for this issue yet, as pending, in its
+        order; a transaction for each `chunk` of them. Returns how many were added."""
         added = 0
         rows = []
         stamp = now_iso()
-
-        def flush():
-            nonlocal added
-            with self.transaction():
-                cur = self.db.executemany(
-                    "INSERT INTO deliveries (issue, destination, email, name, fields, rkey, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
-                added += cur.rowcount
-            rows.clear()
-
         for r in recipients:
             if r.status != "subscribed":
                 continue  # a list that says they left is honoured
             rows.append((issue, dest, r.email, r.name, json.dumps(r.fields, sort_keys=True) if r.fields else None,
                          key_of(r.email), stamp))
             if len(rows) >= chunk:
-                flush()
+                added += self._add_deliveries(rows)
+                rows = []
         if rows:
-            flush()
+            added += self._add_deliveries(rows)
         return added
+
+    def _add_deliveries(self, rows: list[tuple]) -> int:
+        """(issue, destination, email, name, fields, rkey, updated_at) rows, in one
+        transaction; a row already there stays as it is."""
+        with self.transaction():
+            return self.db.executemany(
+                "INSERT INTO deliveries (issue, destination, email, name, fields, rkey, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows).rowcount
 
     def due(self, issue: str, batch_size: int, after_id: int = 0, now: float | None = None,
             dest: str = DELIVERY) -> list[Delivery]:
@@ -528,6 +538,20 @@ class Store:
                 f" attempts = attempts + ? WHERE id IN ({','.join('?' * len(chunk))})",
                 (state, reply, next_try, stamp, fault, via, counted, *chunk))
 
+    def write_marks(self, marks: list[Mark], suppress: Iterable[tuple[str, str]] = ()) -> None:
+        """A send's marks in one transaction: rows that share a new state share one
+        UPDATE; and the addresses whose own refusal suppresses them, (email, reply)."""
+        groups: dict[tuple, list[int]] = {}
+        for mark in marks:
+            groups.setdefault(mark[1:], []).append(mark.id)
+        suppress = list(suppress)
+        with self.transaction(len(groups) > 1 or len(marks) > 500 or bool(suppress)):  # 500: see mark_many
+            for (state, reply, next_try, fault, via, attempt), ids in groups.items():
+                self.mark_many(ids, state, reply, next_try, attempt, fault, via)
+            for email, reply in suppress:
+                self.suppress(email, reply)
+                self.set_status(email, "bounced", f"send {reply}")
+
     def snapshot(self):
         """A transaction whose reads all see the store as it was at its start."""
         return self.transaction()  # SQLite: BEGIN IMMEDIATE, and nobody writes meanwhile
@@ -570,6 +594,10 @@ class Store:
             found = [email for email, _ in self.in_flight(issue, dest)]
             self._settle(issue, dest, "")
         return found
+
+    async def send_ledger(self) -> "SendLedger":
+        """What a send's event loop uses while it sends: see SendLedger."""
+        return SendLedger(self)
 
     def healthy(self) -> bool:
         """False when the connection is gone for good (a database server restarted): the
@@ -639,6 +667,35 @@ class Store:
             "SELECT email, state, coalesce(reply, ''), attempts, coalesce(fault, '') FROM deliveries"
             " WHERE issue = ? AND destination = ? AND state IN ('failed', 'deferred', 'uncertain')"
             " ORDER BY state, email LIMIT ?", (issue, dest, limit)).fetchall()
+
+
+class SendLedger:
+    """The store as a send's event loop uses it while messages go out: claim rows, check
+    addresses, write marks. SQLite answers in microseconds, in the loop. A database
+    server takes a round trip, during which the loop must go on: PostgresStore has its
+    own (store_pg.ServerLedger), whose writes commit later."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    async def claim(self, issue: str, size: int, after_id: int, dest: str) -> list[Delivery]:
+        return self.store.claim(issue, size, after_id=after_id, dest=dest)
+
+    async def blocked(self, emails: list[str]) -> set[str]:
+        return self.store.blocked(emails)
+
+    def write(self, marks: list[Mark], suppress: Iterable[tuple[str, str]] = ()) -> "asyncio.Future | None":
+        """Store.write_marks; None when it is committed already, else a future that is
+        done when it is (or holds the StoreError that stopped it). Marks commit in the
+        order they were written."""
+        self.store.write_marks(marks, suppress)
+        return None
+
+    async def flush(self) -> None:
+        """Every mark written so far committed, or its StoreError raised."""
+
+    async def close(self) -> None:
+        pass
 
 
 class _LockFile:

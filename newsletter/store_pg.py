@@ -16,9 +16,10 @@ differently here:
   lock: the next run to look takes the lock, makes the dead run's `sending` rows
   uncertain and frees its claims. Starting up (settling, filling the ledger) takes a
   lock on the issue, one run at a time.
-- A send's marks (a message's outcome and the next one's `sending`) go from the event
-  loop, on a connection for each worker (AsyncWriter), bound as literals in one query
-  string: one round trip, and the other workers go on meanwhile.
+- A send talks to the server from its event loop (ServerLedger), which goes on during
+  each round trip. Its marks (a message's outcome and the next one's `sending`) are
+  bound as literals, and the marks of several messages go in one statement and one
+  commit.
 - Every statement commits at once unless inside Store.transaction(), so an unsubscribe
   committed by any `serve` is seen by the next batch of every send.
 
@@ -28,16 +29,20 @@ The password never comes from newsletter.toml: libpq reads PGPASSWORD, ~/.pgpass
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import math
 import re
 import secrets
 import time
+from typing import Iterable
 from urllib.parse import parse_qsl, urlsplit
 
 from .errors import StoreError
 from .outcome import DELIVERY
-from .store import DUE, SCHEMA_VERSION, Delivery, Store, deliveries, now_iso, storable
+from .store import (DUE, SCHEMA_VERSION, SET_STATUS, SUPPRESS, Delivery, Mark, SendLedger, Store, deliveries, now_iso,
+                    storable)
 
 try:
     import psycopg
@@ -102,6 +107,12 @@ CREATE TABLE events (
 CREATE TABLE newsletter_schema (version INTEGER NOT NULL);
 """
 
+CLAIM = (f"UPDATE deliveries SET claimed_by = ? WHERE id IN (SELECT id FROM deliveries WHERE {DUE}"
+         # nobody's: a run's own claims wait in its queue already
+         " AND claimed_by IS NULL ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED)"
+         " RETURNING id, email, name, fields, rkey, attempts")
+BLOCKED = ("SELECT email FROM suppressions WHERE email = ANY(?::citext[]) UNION "
+           "SELECT email FROM subscribers WHERE email = ANY(?::citext[]) AND status != 'subscribed'")
 # Upgrades of a PostgreSQL store: MIGRATIONS[n] takes schema n to n + 1. The first
 # PostgreSQL schema is version 3, so there are none yet.
 MIGRATIONS: dict[int, str] = {}
@@ -132,30 +143,19 @@ class _Connection:
     def __init__(self, conn, where: str):
         self.conn, self.where = conn, where
         self.open = False  # inside PostgresStore.transaction()
-        self.held: list[str] | None = None  # inside PostgresStore.bound(): statements held, bound
-        self._sql: dict[str, str] = {}
-
-    def _translate(self, sql: str) -> str:
-        found = self._sql.get(sql)
-        if found is None:
-            found = self._sql[sql] = sql.replace("%", "%%").replace("?", "%s")
-        return found
 
     def execute(self, sql: str, params=()):
-        if self.held is not None:  # bound here, sent with the others at the end
-            self.held.append(_bind(self._translate(sql), params) if params else sql)
-            return _HELD
         try:
             if not params:  # psycopg reads % signs only when given parameters
                 return self.conn.execute(sql)
-            return self.conn.execute(self._translate(sql), params)
+            return self.conn.execute(_translate(sql), params)
         except (psycopg.Error, UnicodeError) as exc:
             raise self._lost(exc) from None
 
     def executemany(self, sql: str, rows):
         cur = self.conn.cursor()
         try:
-            cur.executemany(self._translate(sql), rows)
+            cur.executemany(_translate(sql), rows)
         except psycopg.Error as exc:
             raise self._lost(exc) from None
         return cur
@@ -166,10 +166,16 @@ class _Connection:
 
     @property
     def in_transaction(self) -> bool:
-        return self.open or self.held is not None or self.conn.info.transaction_status != pq.TransactionStatus.IDLE
+        return self.open or self.conn.info.transaction_status != pq.TransactionStatus.IDLE
 
     def close(self) -> None:
         self.conn.close()
+
+
+@functools.lru_cache(maxsize=256)
+def _translate(sql: str) -> str:
+    """Store's `?` placeholders as psycopg's %s (and the statement's own % signs doubled)."""
+    return sql.replace("%", "%%").replace("?", "%s")
 
 
 # What _literal's literals are written for, set on every connection that runs them.
@@ -214,15 +220,50 @@ def _bind(sql: str, params) -> str:
     return "".join(out)
 
 
-class _Held:
-    """What a held statement returns: it has not run, so there is nothing to read."""
-    rowcount = -1
+def marks_sql(marks: list[Mark], suppress: Iterable[tuple[str, str]] = ()) -> list[str]:
+    """The statements that write a send's marks (Store.write_marks), bound as literals.
 
-    def __getattr__(self, name):
-        raise StoreError(f"a statement inside writes() has no result to read ({name})")
+    All the rows, whatever their states, go in one UPDATE: a value the rows share is
+    written once, one that differs is an array indexed by the row's place in the id
+    array (cheaper for the server to plan than a join with a VALUES list, measured). A
+    row marked twice (its `sending`, then an outcome that did not wait for it) gets
+    both, as two statements would have made it."""
+    statements = []
+    if marks:
+        rows: dict[int, Mark] = {}
+        for mark in marks:
+            if (earlier := rows.get(mark.id)) is not None:
+                mark = mark._replace(reply=earlier.reply if mark.reply is None else mark.reply,
+                                     via=mark.via or earlier.via, attempt=earlier.attempt + mark.attempt)
+            rows[mark.id] = mark
+        ids = "ARRAY[" + ",".join(str(int(i)) for i in rows) + "]::bigint[]"
+        place = f"array_position({ids}, id)"
 
+        def value(values: list, kind: str) -> str:
+            if all(v == values[0] for v in values):
+                return f"{_literal(values[0])}::{kind}"
+            return f"(ARRAY[{','.join(map(_literal, values))}]::{kind}[])[{place}]"
 
-_HELD = _Held()
+        states = [m.state for m in rows.values()]
+        state = value(states, "text")
+        sets = [f"state = {state}",
+                f"reply = coalesce({value([storable(m.reply) for m in rows.values()], 'text')}, reply)",
+                f"next_try = {value([float(m.next_try) for m in rows.values()], 'float8')}",
+                f"updated_at = {_literal(now_iso())}",
+                f"fault = {value([m.fault for m in rows.values()], 'text')}",
+                f"via = coalesce({value([m.via for m in rows.values()], 'text')}, via)",
+                f"attempts = attempts + {value([int(m.attempt) for m in rows.values()], 'int')}"]
+        released = [s in ("pending", "deferred") for s in states]  # back to nobody's until claimed again
+        if all(released):
+            sets.append("claimed_by = NULL")
+        elif any(released):
+            sets.append(f"claimed_by = CASE WHEN {state} IN ('pending', 'deferred') THEN NULL ELSE claimed_by END")
+        statements.append(f"UPDATE deliveries SET {', '.join(sets)} WHERE id = ANY({ids})")
+    for email, reply in suppress:
+        reply, at = storable(reply), now_iso()
+        statements.append(_bind(_translate(SUPPRESS), (email, reply, at)))
+        statements.append(_bind(_translate(SET_STATUS), ("bounced", at, f"send {reply}", email, "bounced")))
+    return statements
 
 
 class PostgresStore(Store):
@@ -262,29 +303,29 @@ class PostgresStore(Store):
         with contextlib.suppress(Exception):
             self.db.close()
 
-    def bound(self, fn, *args) -> list[str]:
-        """The statements fn(self, ...) would run, bound here and not run: for a writer
-        that sends them later (AsyncWriter). fn must not read what it writes."""
-        db = self.db
-        db.held = []
-        try:
-            fn(*args)
-            return db.held
-        finally:
-            db.held = None
+    def write_marks(self, marks: list[Mark], suppress: Iterable[tuple[str, str]] = ()) -> None:
+        statements = marks_sql(marks, suppress)
+        with self.transaction(len(statements) > 1):
+            for statement in statements:
+                self.db.execute(statement)
 
-    async def async_writer(self) -> "AsyncWriter":
-        """A connection of its own, in the send's event loop, for the ledger's marks; it
-        holds the run's lock too (sender_lock)."""
+    async def send_ledger(self) -> "ServerLedger":
+        """Two connections of the send's own, in its event loop: one reads (claims, address
+        checks), one writes the marks. Each holds the run's lock too (sender_lock)."""
+        conns = []
         try:
-            conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=10,
-                                                         application_name="newsletter send")
-            await conn.execute("SET synchronous_commit TO off")  # as in sender_lock
-            await conn.execute(_LITERAL_SETTINGS)
-            await conn.execute("SELECT pg_advisory_lock_shared(%s)", (self.run_id,))
+            for _ in range(2):
+                conns.append(await psycopg.AsyncConnection.connect(
+                    self.url, autocommit=True, connect_timeout=10, application_name="newsletter send"))
+                await conns[-1].execute("SET synchronous_commit TO off")  # as in sender_lock
+                await conns[-1].execute(_LITERAL_SETTINGS)
+                await conns[-1].execute("SELECT pg_advisory_lock_shared(%s)", (self.run_id,))
         except psycopg.Error as exc:
+            for conn in conns:
+                with contextlib.suppress(Exception):
+                    await conn.close()
             raise StoreError(f"{self.where}: cannot connect to the store: {_first_line(exc)}") from None
-        return AsyncWriter(conn, self.where)
+        return ServerLedger(self, *conns)
 
     def transaction(self, needed: bool = True):
         """As Store's; psycopg errors, such as a lost connection, become StoreError."""
@@ -382,6 +423,24 @@ class PostgresStore(Store):
                     [(issue, dest, email, name, fields, key_of(email), stamp) for email, name, fields in rows])
                 added += cur.rowcount
 
+    def _add_deliveries(self, rows: list[tuple]) -> int:
+        """As Store's, through COPY into a temporary table and one INSERT from it: a
+        statement a row cost the server more than the rest of the send's start."""
+        with self.transaction():
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS new_deliveries (n BIGSERIAL, issue TEXT, destination TEXT,"
+                            " email TEXT, name TEXT, fields TEXT, rkey TEXT, updated_at TEXT) ON COMMIT DELETE ROWS")
+            try:
+                with self.db.conn.cursor().copy("COPY new_deliveries (issue, destination, email, name, fields, rkey,"
+                                                " updated_at) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+            except (psycopg.Error, UnicodeError) as exc:
+                raise self.db._lost(exc) from None
+            return self.db.execute(
+                "INSERT INTO deliveries (issue, destination, email, name, fields, rkey, updated_at)"
+                " SELECT issue, destination, email, name, fields, rkey, updated_at FROM new_deliveries ORDER BY n"
+                " ON CONFLICT DO NOTHING").rowcount
+
     def mark_many(self, ids: list[int], state: str, reply: str | None = None, next_try: float = 0,
                   count_attempt: bool = False, fault: str | None = None, via: str | None = None) -> None:
         # One statement for any number of rows (an array), the same text each time: the
@@ -395,11 +454,7 @@ class PostgresStore(Store):
             (state, reply, next_try, now_iso(), fault, via, 1 if count_attempt else 0, ids))
 
     def blocked(self, emails: list[str]) -> set[str]:
-        rows = self.db.execute(
-            "SELECT email FROM suppressions WHERE email = ANY(?::citext[]) UNION "
-            "SELECT email FROM subscribers WHERE email = ANY(?::citext[]) AND status != 'subscribed'",
-            (emails, emails))
-        return {e.lower() for (e,) in rows}
+        return {e.lower() for (e,) in self.db.execute(BLOCKED, (emails, emails))}
 
     @contextlib.contextmanager
     def snapshot(self):
@@ -473,12 +528,7 @@ class PostgresStore(Store):
     def claim(self, issue: str, batch_size: int, after_id: int = 0, now: float | None = None,
               dest: str = DELIVERY) -> list[Delivery]:
         now = time.time() if now is None else now
-        rows = self.db.execute(
-            f"UPDATE deliveries SET claimed_by = ? WHERE id IN (SELECT id FROM deliveries WHERE {DUE}"
-            # nobody's: a run's own claims wait in its queue already
-            " AND claimed_by IS NULL ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED)"
-            " RETURNING id, email, name, fields, rkey, attempts",
-            (self.run_id, issue, dest, after_id, now, batch_size)).fetchall()
+        rows = self.db.execute(CLAIM, (self.run_id, issue, dest, after_id, now, batch_size)).fetchall()
         rows.sort()
         return deliveries(rows)
 
@@ -526,29 +576,129 @@ class PostgresStore(Store):
         return sorted(found), freed + len(found)
 
 
-class AsyncWriter:
-    """A connection of its own for a send's ledger marks, used from the event loop, so
-    that while one worker's marks are on their way the other workers' messages go on.
-    The marks (bound by PostgresStore.bound) go as one query string: one transaction, one
-    round trip."""
+class ServerLedger(SendLedger):
+    """A send's ledger on the server, from its event loop, which goes on during each round
+    trip: claims and address checks on one connection, marks on the other.
 
-    def __init__(self, conn, where: str):
-        self.conn, self.where = conn, where
-        self.cursor = psycopg.AsyncClientCursor(conn)
+    Marks commit in the order they were written, on the one connection; marks written
+    while a commit is on its way go together in the next one (group commit: with four
+    SMTP connections, a commit carries the marks of about four messages, in one
+    statement). Each write's future is done once its commit is; the SMTP client waits
+    for it only before the final "." of the next message (sender.py), so the commit
+    travels while that message does. After a failed commit every later write fails too:
+    a mark must never land when one before it did not."""
 
-    async def write(self, statements: list[str]) -> None:
-        if not statements:
-            return
+    def __init__(self, store: PostgresStore, reader, writer):
+        super().__init__(store)
+        self.reader, self.writer = reader, writer
+        self.queue: list[tuple[list[Mark], list[tuple[str, str]], asyncio.Future]] = []
+        self.wake = asyncio.Event()
+        self.last: asyncio.Future | None = None
+        self.failed: Exception | None = None  # a StoreError, or a bug
+        self.closing = False
+        self.task = asyncio.create_task(self._commit_loop())
+
+    async def claim(self, issue: str, size: int, after_id: int, dest: str) -> list[Delivery]:
+        rows = await self._read(CLAIM, (self.store.run_id, issue, dest, after_id, time.time(), size))
+        rows.sort()
+        return deliveries(rows)
+
+    async def blocked(self, emails: list[str]) -> set[str]:
+        return {e.lower() for (e,) in await self._read(BLOCKED, (emails, emails))}
+
+    async def _read(self, sql: str, params) -> list[tuple]:
         try:
-            await self.cursor.execute("; ".join(["BEGIN", *statements, "COMMIT"]))
+            return await (await self.reader.execute(_translate(sql), params)).fetchall()
         except (psycopg.Error, UnicodeError) as exc:
-            with contextlib.suppress(psycopg.Error):
-                await self.conn.execute("ROLLBACK")
-            raise StoreError(f"{self.where}: the store failed: {_first_line(exc)}") from None
+            raise StoreError(f"{self.store.where}: the store failed: {_first_line(exc)}") from None
+
+    def write(self, marks: list[Mark], suppress: Iterable[tuple[str, str]] = ()) -> asyncio.Future:
+        done = asyncio.get_running_loop().create_future()
+        if self.failed:
+            _fail(done, self.failed)
+        else:
+            self.queue.append((marks, list(suppress), done))
+            self.wake.set()
+        self.last = done
+        return done
+
+    async def flush(self) -> None:
+        if self.last is not None:
+            await self.last  # commits are in order: the last done, all are
+
+    async def _commit_loop(self) -> None:
+        while True:
+            while not self.queue:
+                if self.closing:
+                    return
+                self.wake.clear()
+                await self.wake.wait()
+            taken, self.queue = self.queue, []
+            statements = marks_sql([m for marks, _, _ in taken for m in marks],
+                                   [s for _, suppress, _ in taken for s in suppress])
+            try:
+                if statements:
+                    await _run(self.writer.pgconn, statements[0] if len(statements) == 1 else
+                               "; ".join(["BEGIN", *statements, "COMMIT"]))
+            except Exception as exc:  # the server, or a bug: either way no later mark may land
+                with contextlib.suppress(Exception):
+                    await self.writer.execute("ROLLBACK")
+                self.failed = StoreError(f"{self.store.where}: the store failed: {_first_line(exc)}") \
+                    if isinstance(exc, (psycopg.Error, UnicodeError)) else exc
+                for _, _, done in taken + self.queue:
+                    _fail(done, self.failed)
+                self.queue = []
+            else:
+                for _, _, done in taken:
+                    done.set_result(None)
 
     async def close(self) -> None:
+        """After the marks written so far are committed (or have failed)."""
+        self.closing = True
+        self.wake.set()
         with contextlib.suppress(Exception):
-            await self.conn.close()
+            await self.task
+        for conn in (self.reader, self.writer):
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+async def _run(pgconn, sql: str) -> None:
+    """One query string on libpq itself, from the event loop: psycopg's cursor cost the
+    send's process about 40 us more a commit (bench/send.py --ledger), and the marks
+    read nothing back."""
+    loop = asyncio.get_running_loop()
+    pgconn.send_query(sql.encode("utf-8"))
+    while pgconn.flush():  # a nonblocking connection: the rest goes once the socket takes it
+        await _socket_ready(loop, pgconn.socket, loop.add_writer, loop.remove_writer)
+    while True:
+        pgconn.consume_input()
+        if not pgconn.is_busy():
+            break
+        await _socket_ready(loop, pgconn.socket, loop.add_reader, loop.remove_reader)
+    error = None
+    while (result := pgconn.get_result()) is not None:
+        if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK) and error is None:
+            error = (result.error_message or b"").decode("utf-8", "replace")
+    if error is not None:
+        raise psycopg.OperationalError(error.strip() or "the query failed")
+    if pgconn.status != pq.ConnStatus.OK:
+        raise psycopg.OperationalError((pgconn.error_message or b"").decode("utf-8", "replace").strip()
+                                       or "the connection was lost")
+
+
+async def _socket_ready(loop, fd: int, add, remove) -> None:
+    ready = loop.create_future()
+    add(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        remove(fd)
+
+
+def _fail(done: asyncio.Future, error: Exception) -> None:
+    done.set_exception(error)
+    done.exception()  # its waiter, if any, still gets the error; nobody else is told it was not read
 
 
 def _first_line(exc: BaseException) -> str:

@@ -274,6 +274,69 @@ def test_a_message_that_needs_dot_stuffing_arrives_whole(tmp_path, cert, example
     assert received["r1@example.com"] == Foreign.data + b"\r\n"  # the server ends the last line
 
 
+# -- the ledger's gate: nothing is delivered before the ledger says `sending` -------------------------
+
+def _one_message(tmp_path, example):
+    from newsletter.message import MessageFactory
+    from newsletter.tokens import Signer
+    return MessageFactory(example, config_for(settings_env(tmp_path, 1)), Signer(b"s", "l")).build(
+        "r0@example.com", None, "k" * 22)
+
+
+def test_the_final_dot_waits_for_the_ledgers_commit(tmp_path, cert, example):
+    """The envelope and the content go out while the ledger's commit is on its way; the
+    "." that makes the server take the message waits for it (sender._Run)."""
+    message = _one_message(tmp_path, example)
+    handler = Handler()
+    with Server(handler, tls=cert) as server:
+        settings = config_for(settings_env(tmp_path, server.port, cert)).smtp
+
+        async def send():
+            conn = await SmtpConnection.open(settings)
+            ready = asyncio.get_running_loop().create_future()
+            try:
+                sending = asyncio.create_task(conn.send(message, ready))
+                await asyncio.sleep(0.3)  # the content is on the wire by now
+                assert not sending.done() and handler.received == []
+                ready.set_result(None)
+                return await sending
+            finally:
+                await conn.quit()
+
+        outcome = asyncio.run(send())
+    assert outcome.state == "sent"
+    assert [(r.recipient, r.data) for r in handler.received] == [("r0@example.com", message.data)]
+
+
+def test_a_failed_commit_drops_the_message_before_its_final_dot(tmp_path, cert, example):
+    """The ledger could not say `sending`: the connection is dropped without the ".", so
+    the server throws the message away, and the ledger's error stops the send."""
+    from newsletter.backends.smtp import SmtpWorker
+    from newsletter.errors import StoreError
+    message = _one_message(tmp_path, example)
+    handler = Handler()
+    with Server(handler, tls=cert) as server:
+        settings = config_for(settings_env(tmp_path, server.port, cert)).smtp
+
+        async def send():
+            worker = SmtpWorker(settings)
+            ready = asyncio.get_running_loop().create_future()
+            sending = asyncio.create_task(worker.send_batch([message], ready))
+            await asyncio.sleep(0.3)
+            ready.set_exception(StoreError("postgresql://db: the store failed: connection lost"))
+            try:
+                with pytest.raises(StoreError, match="connection lost"):
+                    await sending
+                assert worker.conn is None  # dropped; the next message opens a new one
+                return await worker.send_batch([message])  # the same message, with no gate: delivered
+            finally:
+                await worker.close()
+
+        outcomes = asyncio.run(send())
+    assert [o.state for o in outcomes] == ["sent"]
+    assert [r.recipient for r in handler.received] == ["r0@example.com"]  # once: the dropped one never arrived
+
+
 def test_bytes_that_arrive_while_the_handshake_waits_its_turn_are_refused_too(tmp_path, cert, monkeypatch):
     # The check before start_tls sees only what had arrived by then. On a busy event loop
     # (other connections, messages being built) start_tls runs a while later, and an

@@ -101,6 +101,40 @@ def test_a_sender_killed_beside_another_loses_nobody_and_sends_nobody_twice(tmp_
         assert "may have been delivered" in out + after.stdout + after.stderr or after.returncode == 1
 
 
+def test_a_store_lost_mid_send_stops_it_with_the_ledger_true_and_a_resend_finishes(tmp_path, cert, pg_store):
+    """The database drops the send's connections while messages go out: the send stops
+    with a plain error, no message went out without its `sending` commit (none received
+    is pending), and the next send reports the rows in flight and sends the rest once."""
+    handler = Handler(delay=0.005)
+    everyone = addresses(300)
+    with Server(handler, tls=cert) as server:
+        env = {**settings_env(tmp_path, server.port, cert, smtp_connections=3), "NEWSLETTER_STORE_URL": pg_store}
+        config = config_for(env)
+        subscribe(config, everyone)
+        sending = send_process(env)
+        wait_for(lambda: len(handler.received) >= 40)
+        with open_at(pg_store) as other:
+            other.db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE application_name = 'newsletter send'")
+        out, err = sending.communicate(timeout=120)
+        time.sleep(0.3)  # the server finishes what was on the wire
+        stopped = ledger(config)
+        received_then = {m.recipient for m in handler.received}
+        after = run_cli("send", EXAMPLE, env=env)
+    assert sending.returncode == 2 and "Traceback" not in err and "the store failed" in err, err
+    assert 40 <= len(received_then) < 300
+    assert all(stopped[e] in ("sent", "sending") for e in received_then)  # nothing went out unrecorded
+    assert sum(state == "sending" for state in stopped.values()) <= 3  # one in flight a connection at most
+    states = ledger(config)
+    uncertain = {e for e, state in states.items() if state == "uncertain"}
+    assert after.returncode == 1 and "Traceback" not in after.stderr  # 1: it reports the uncertain rows
+    assert uncertain == {e for e, state in stopped.items() if state == "sending"}
+    assert {e for e, state in states.items() if state != "sent"} == uncertain
+    counts = handler.delivered()
+    assert all(n == 1 for n in counts.values()), {e: n for e, n in counts.items() if n > 1}
+    assert set(everyone) - set(counts) <= uncertain
+
+
 def test_an_unsubscribe_through_serve_is_honoured_by_the_running_send(tmp_path, cert, pg_store, pg_server):
     handler = Handler(delay=0.05)
     everyone = addresses(60)
@@ -285,23 +319,27 @@ def test_a_claimed_row_is_claimed_once_until_it_is_deferred_or_its_run_is_gone(p
 
 
 def test_the_marks_written_as_literals_keep_any_reply_exactly(pg_store):
-    """A send's marks reach the server as literals (store_pg._bind): whatever a server
-    replied is stored as it was, and nothing in it can end the literal."""
+    """A send's marks reach the server as literals (store_pg.marks_sql): whatever a server
+    replied is stored as it was, and nothing in it can end the literal, whether it is a
+    row's own value (in an array) or shared by all the rows of a write."""
+    from newsletter.store import Mark
     from newsletter.store_pg import PostgresStore
     replies = ["250 2.0.0 Ok: queued as 4Xk2", "it's 100%% done; DROP TABLE deliveries; --", "back\\slash \\' \\\\",
-               "%s %(x)s {} ?", "naïve 日本 \U0001F4E8", "line\r\nbreak", "nul\x00byte", "'", ""]
+               "%s %(x)s {} ? ARRAY[1]::text[]", "naïve 日本 \U0001F4E8", "line\r\nbreak", "nul\x00byte", "'", ""]
     with PostgresStore(pg_store) as store:
-        for i, _ in enumerate(replies):
+        for i in range(2 * len(replies)):
             store.add(Recipient(f"r{i}@example.com"), "test")
         store.enqueue_subscribers("issue", lambda e: "k" + e)
         ids = [d.id for d in store.due("issue", 100)]
-        for row_id, reply in zip(ids, replies):
-            statements = store.bound(store.mark_many, [row_id], "failed", reply, 1.5, True, "recipient", "smtp")
-            assert len(statements) == 1
-            store.db.execute(statements[0])
+        store.write_marks([Mark(i, "failed", reply, 1.5, "recipient", "smtp", 1) for i, reply in zip(ids, replies)],
+                          suppress=[("r0@example.com", replies[1])])
+        for i, reply in zip(ids[len(replies):], replies):  # one row a write: the value shared
+            store.write_marks([Mark(i, "failed", reply, 1.5, "recipient", "smtp", 1)])
         got = dict(store.db.execute("SELECT id, reply FROM deliveries"))
-        assert store.counts("issue")["failed"] == len(replies)
-    assert [got[i] for i in ids] == [r.replace("\x00", "\ufffd") for r in replies]
+        assert store.counts("issue")["failed"] == 2 * len(replies)
+        assert store.db.execute("SELECT reason FROM suppressions").fetchone()[0] == replies[1]
+    stored = [r.replace("\x00", "\ufffd") for r in replies]
+    assert [got[i] for i in ids] == stored + stored
 
 
 # -- from the review of the store: each of these failed before its fix ------------------------------
@@ -313,6 +351,7 @@ def terminate(url, pid):
 
 def test_a_run_whose_first_connection_is_lost_is_alive_while_its_writers_are(pg_store):
     import asyncio
+    from newsletter.store import Mark
     from newsletter.store_pg import PostgresStore
     with PostgresStore(pg_store) as one, PostgresStore(pg_store) as two:
         for address in addresses(4):
@@ -322,20 +361,72 @@ def test_a_run_whose_first_connection_is_lost_is_alive_while_its_writers_are(pg_
             rows = one.claim("issue", 4)
             one.mark_many([rows[0].id], "sending")
 
-            async def with_a_writer():
-                writer = await one.async_writer()
+            async def with_its_ledger():
+                ledger = await one.send_ledger()
                 try:
                     terminate(pg_store, one.db.conn.info.backend_pid)  # the run's first connection
-                    assert two.settle_in_flight("issue") == []  # its writer lives: not taken for dead
+                    assert two.settle_in_flight("issue") == []  # its ledger's connections live: not taken for dead
                     assert two.claim("issue", 4) == []
-                    await writer.write(one.bound(one.mark_many, [rows[0].id], "sent", "250 ok"))
+                    await ledger.write([Mark(rows[0].id, "sent", "250 ok")])
                 finally:
-                    await writer.close()
-            asyncio.run(with_a_writer())
+                    await ledger.close()
+            asyncio.run(with_its_ledger())
             one.claim("issue", 4)  # its first connection is gone: a StoreError, and the run ends
-        # every connection of `one` is gone now: its claims are freed
-        assert two.settle_in_flight("issue") == []  # nothing was left in flight: its row was marked sent
-        assert [d.email for d in two.claim("issue", 4)] == addresses(4)[1:]
+        # every connection of `one` is closed now (the server lets go of its lock once their
+        # backends have exited): its claims are freed
+        freed = []
+
+        def settled():
+            assert two.settle_in_flight("issue") == []  # nothing was left in flight: its row was marked sent
+            freed.extend(d.email for d in two.claim("issue", 4))
+            return freed
+        wait_for(settled, timeout=10)
+        assert freed == addresses(4)[1:]
+
+
+def test_a_sends_ledger_commits_marks_in_order_and_none_after_one_failed(pg_store):
+    """ServerLedger: marks written while a commit is on its way go in the next one, in the
+    order they were written; once a commit has failed (its connection lost), every later
+    write fails too, and flush says so: no mark may land after one that did not."""
+    import asyncio
+    from newsletter.store import Mark
+    from newsletter.store_pg import PostgresStore
+    with PostgresStore(pg_store) as store:
+        for address in addresses(6):
+            store.add(Recipient(address), "test")
+        store.enqueue_subscribers("issue", lambda e: "k" + e)
+        with store.sender_lock("issue"):
+            a, b, c, d, e, f = [row.id for row in store.claim("issue", 6)]
+
+            async def run():
+                ledger = await store.send_ledger()
+                try:
+                    first = ledger.write([Mark(a, "sending", via="smtp", attempt=1)])
+                    await asyncio.sleep(0)  # its commit is on its way
+                    written = [ledger.write([Mark(a, "sent", "250 a"), Mark(b, "sending", via="smtp", attempt=1)]),
+                               ledger.write([Mark(c, "sending", via="smtp", attempt=1)]),
+                               ledger.write([Mark(c, "deferred", "421 later", 5.0, "server")])]
+                    await first
+                    assert not any(w.done() for w in written)  # they waited for it: in the next commit
+                    await ledger.flush()
+                    assert all(w.done() and w.exception() is None for w in written)
+                    writer_pid = (await (await ledger.writer.execute("SELECT pg_backend_pid()")).fetchone())[0]
+                    terminate(pg_store, writer_pid)
+                    lost = ledger.write([Mark(d, "sending", via="smtp", attempt=1)])
+                    with pytest.raises(StoreError, match="the store failed"):
+                        await lost
+                    after = ledger.write([Mark(e, "sent", "250 e")])
+                    assert after.done() and isinstance(after.exception(), StoreError)
+                    with pytest.raises(StoreError):
+                        await ledger.flush()
+                finally:
+                    await ledger.close()
+            asyncio.run(run())
+            rows = dict(store.db.execute("SELECT id, state || ' ' || coalesce(reply, '') || ' ' || attempts"
+                                         " || ' ' || (claimed_by IS NOT NULL) FROM deliveries"))
+    assert [rows[i] for i in (a, b, c, d, e, f)] == [
+        "sent 250 a 1 true", "sending  1 true", "deferred 421 later 1 false", "pending  0 true", "pending  0 true",
+        "pending  0 true"]
 
 
 def test_a_lost_connection_keeps_the_error_that_stopped_the_run(pg_store):
@@ -349,12 +440,13 @@ def test_a_lost_connection_keeps_the_error_that_stopped_the_run(pg_store):
 
 
 def test_a_reply_with_a_lone_surrogate_is_stored_not_a_traceback(pg_store):
+    from newsletter.store import Mark
     from newsletter.store_pg import PostgresStore
     with PostgresStore(pg_store) as store:
         store.add(Recipient("a@example.com"), "test")
         store.enqueue_subscribers("issue", lambda e: "k" + e)
         (row,) = store.due("issue", 10)
-        store.db.execute(store.bound(store.mark_many, [row.id], "failed", "550 \ud800 refused")[0])
+        store.write_marks([Mark(row.id, "failed", "550 \ud800 refused")])
         assert store.db.execute("SELECT reply FROM deliveries").fetchone()[0] == "550 ? refused"
         store.mark_many([row.id], "failed", "550 \udc80 again")  # the direct path too
         assert store.db.execute("SELECT reply FROM deliveries").fetchone()[0] == "550 ? again"

@@ -206,6 +206,54 @@ def test_mark_many_sets_every_row_past_the_parameter_chunk(new_store):
     assert rows[1202] == ("pending", None, 0)
 
 
+def test_a_sends_marks_of_many_rows_and_states_are_written_as_given(new_store):
+    """Store.write_marks, as a send's ledger writes it (on PostgreSQL, one statement for
+    all the rows): each row its own state, reply, next try, fault and via; `sending`
+    counts an attempt; a row marked twice in one write gets both marks; suppressions
+    and bounced readers in the same transaction."""
+    from newsletter.store import Mark
+    with new_store() as store:
+        for i in range(6):
+            store.add(Recipient(f"r{i}@example.com"), "test")
+        store.enqueue_subscribers("issue", lambda email: "k" + email)
+        a, b, c, d, e, f = [row.id for row in store.due("issue", 10)]
+        store.write_marks([Mark(a, "sending", via="smtp", attempt=1), Mark(b, "sending", via="smtp", attempt=1),
+                           Mark(e, "sending", via="smtp", attempt=1)])
+        store.write_marks([Mark(a, "sent", "250 2.0.0 Ok: queued as 4Xk2"),
+                           Mark(b, "failed", "550 5.1.1 no such user", fault="recipient"),
+                           Mark(c, "sending", via="smtp", attempt=1), Mark(c, "deferred", "421 later", 99.5, "server"),
+                           Mark(e, "pending", "not sent: the server went away")],
+                          suppress=[("r1@example.com", "550 5.1.1 no such user")])
+        store.write_marks([Mark(f, "sending", via="resend", attempt=1)])
+        store.write_marks([Mark(f, "sent", "200 id-1")])
+        rows = store.db.execute("SELECT state, reply, next_try, fault, via, attempts FROM deliveries"
+                                " ORDER BY id").fetchall()
+        assert store.suppressed("r1@example.com") and store.status("r1@example.com") == "bounced"
+        assert store.status("r0@example.com") == "subscribed"
+    assert [tuple(r) for r in rows] == [
+        ("sent", "250 2.0.0 Ok: queued as 4Xk2", 0, None, "smtp", 1),
+        ("failed", "550 5.1.1 no such user", 0, "recipient", "smtp", 1),
+        ("deferred", "421 later", 99.5, "server", "smtp", 1),
+        ("pending", None, 0, None, None, 0),
+        ("pending", "not sent: the server went away", 0, None, "smtp", 1),
+        ("sent", "200 id-1", 0, None, "resend", 1)]
+
+
+def test_a_list_is_queued_in_its_own_order_once(new_store):
+    """Store.enqueue (PostgreSQL: through COPY): rows in the list's order, each address
+    once in any case, and a second queueing of a longer list adds only the new ones."""
+    listed = [Recipient(f"r{i}@example.com", f"R {i}", {"n": str(i)} if i % 2 else {}) for i in (5, 3, 9, 1, 7)]
+    with new_store() as store:
+        assert store.enqueue("issue", listed, lambda email: "k" + email) == 5
+        assert store.enqueue("issue", [Recipient("R3@EXAMPLE.com"), *listed, Recipient("r0@example.com"),
+                                       Recipient("gone@example.com", status="unsubscribed")],
+                             lambda email: "k" + email) == 1
+        rows = store.due("issue", 10)
+    assert [(r.email, r.name, r.rkey) for r in rows] == [
+        *[(x.email, x.name, "k" + x.email) for x in listed], ("r0@example.com", None, "kr0@example.com")]
+    assert [r.fields for r in rows[:2]] == [{"n": "5"}, {"n": "3"}]
+
+
 def test_queueing_again_signs_only_the_new_subscribers(new_store):
     signed = []
 

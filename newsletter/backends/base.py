@@ -9,6 +9,8 @@ refused API key), which stops the whole run with every unsent row still pending.
 
 from __future__ import annotations
 
+from typing import Awaitable
+
 from ..message import Message
 from ..outcome import DEFERRED, FAILED, SENT, UNCERTAIN, Outcome
 
@@ -24,7 +26,11 @@ class Worker:
         """Seconds to wait before taking more work (it could not connect): the others go on."""
         return 0.0
 
-    async def send_batch(self, messages: list[Message]) -> list[Outcome]:
+    async def send_batch(self, messages: list[Message], ready: Awaitable | None = None) -> list[Outcome]:
+        """`ready`, when given, is done once the ledger says these messages are `sending`:
+        nothing may be delivered before (it raises StoreError if that commit failed)."""
+        if ready is not None:
+            await ready
         return [await self.send(message) for message in messages]
 
     async def close(self) -> None:

@@ -47,7 +47,7 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable
 
 import httpx
 
@@ -332,7 +332,9 @@ class HttpWorker(Worker):
     async def send(self, message: Message) -> Outcome:
         return (await self.send_batch([message]))[0]
 
-    async def send_batch(self, messages: list[Message]) -> list[Outcome]:
+    async def send_batch(self, messages: list[Message], ready: Awaitable | None = None) -> list[Outcome]:
+        if ready is not None:
+            await ready  # the batch is `sending` in the ledger: a request is sent whole, so no sooner
         backend = self.backend
         gate = backend.gate
         if gate is not None:  # the run's first request goes alone; the others wait for its answer

@@ -2,7 +2,9 @@
 
 Per message, with PIPELINING: MAIL, RCPT and DATA go in one write, then the content; two
 round trips instead of four. Several connections run side by side, each reused for
-``messages_per_connection`` messages.
+``messages_per_connection`` messages. The final "." waits for the ledger to say the
+message is `sending` (the send's `ready` future): with a database server's ledger the
+commit travels while the envelope and the content do.
 
 Security: ``starttls`` (default) refuses to go on if the server does not offer STARTTLS;
 certificates are verified unless ``verify_tls = false``; the password comes only from
@@ -43,6 +45,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Awaitable
 
 from ..config import Smtp
 from ..errors import SendError
@@ -287,7 +290,9 @@ class SmtpConnection:
 
     # -- sending ---------------------------------------------------------------------------
 
-    async def send(self, message: Message) -> Outcome:
+    async def send(self, message: Message, ready: Awaitable | None = None) -> Outcome:
+        """`ready`: see Worker.send_batch. The content goes out meanwhile; only the final
+        ".", which makes the server take the message, waits for it."""
         envelope = [f"MAIL FROM:<{message.sender}>", f"RCPT TO:<{message.recipient}>", "DATA"]
         if "PIPELINING" in self.extensions:
             self.write("".join(f"{line}\r\n" for line in envelope).encode("ascii"))
@@ -314,8 +319,19 @@ class SmtpConnection:
         data = message.data
         if message.needs_dot_stuffing and (data.startswith(b".") or b"\r\n." in data):
             data = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..")
-        # One write: the end marker in a send of its own would cost a system call a message.
-        self.write(data + (b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"))
+        end = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
+        if ready is not None and not ready.done():
+            self.write(data)
+            try:
+                await ready
+            except BaseException:
+                self.abort()  # a transaction without its "." is dropped by the server: nothing delivered
+                raise
+            self.write(end)
+        else:  # one write: the end marker in a send of its own would cost a system call a message
+            if ready is not None:
+                ready.result()  # raises the ledger's failure, if it failed
+            self.write(data + end)
         try:
             await self.drain()
             reply = await self.read_reply()
@@ -430,7 +446,10 @@ class SmtpWorker(Worker):
     def pause(self) -> float:
         return max(0.0, self.resume_at - time.monotonic())
 
-    async def send(self, message: Message) -> Outcome:
+    async def send_batch(self, messages: list[Message], ready: Awaitable | None = None) -> list[Outcome]:
+        return [await self.send(message, ready) for message in messages]
+
+    async def send(self, message: Message, ready: Awaitable | None = None) -> Outcome:
         for attempt in (1, 2):
             if self.conn is None or self.used >= self.settings.messages_per_connection:
                 try:
@@ -440,7 +459,7 @@ class SmtpWorker(Worker):
                     return unreachable(str(exc))
             self.used += 1
             try:
-                outcome = await self.conn.send(message)
+                outcome = await self.conn.send(message, ready)
             except ConnectionLost as exc:
                 self.conn.abort()
                 self.conn = None
@@ -449,6 +468,10 @@ class SmtpWorker(Worker):
                 if attempt == 2:
                     return unreachable(exc.reply)
                 continue
+            except BaseException:  # the ledger failed before the "." (the connection was dropped), or worse
+                if self.conn.writer.is_closing():
+                    self.conn = None
+                raise
             self.reach.ok()
             return outcome
         raise AssertionError("unreachable")
