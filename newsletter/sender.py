@@ -296,21 +296,27 @@ class _Run:
                         batch = None
                         continue  # still pending in the ledger: the next run sends it
                     ready = ledger.write(self._sending(batch))
+                # The next batch, when one is waiting, is marked `sending` in the same commit
+                # as this one's outcomes: one commit a message instead of two on the SMTP path.
+                # Taken now, so that SMTP can send its envelope early.
+                following = queue.get_nowait() if not (queue.empty() or stop.is_set() or worker.pause()) \
+                    else False
+                ended[0] = following is None
                 try:
-                    outcomes = await worker.send_batch([message for _, message in batch], ready)
+                    outcomes = await worker.send_batch([message for _, message in batch], ready,
+                                                       following[0][1] if following else None)
                     await _committed(ready)  # so that its outcome is written after its `sending`
                 except SendError as exc:
                     await _committed(ready)
                     await _committed(ledger.write([Mark(d.id, "pending", f"not sent: {exc}") for d, _ in batch]))
                     fatal.append(exc)
                     stop.set()
+                    if following is None:
+                        break
                     batch = None
-                    continue
-                # The next batch, when one is waiting, is marked `sending` in the same commit
-                # as this one's outcomes: one commit a message instead of two on the SMTP path.
-                following = queue.get_nowait() if not (queue.empty() or stop.is_set() or worker.pause()) \
-                    else False
-                ended[0] = following is None
+                    continue  # `following` stays pending, as everything else not sent
+                if following and stop.is_set():
+                    following = False  # stays pending: the next run sends it
                 ready, marked = self.record([d for d, _ in batch], outcomes, following or None)
                 if following is None:
                     break  # that was the end of the queue

@@ -56,7 +56,10 @@ class Handler:
     refuse_rcpt: str | None = None
     refuse_data: str | None = None
     received: list[Received] = field(default_factory=list)
-    attempts: Counter = field(default_factory=Counter)
+    attempts: Counter = field(default_factory=Counter)  # RCPT commands, by recipient
+    rcpts: list = field(default_factory=list)  # (recipient, session id) of each RCPT
+    contents: Counter = field(default_factory=Counter)  # messages whose content reached DATA's end, by recipient
+    dropped: set = field(default_factory=set)  # the sessions a "drop" script closed
     sessions: set = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -84,6 +87,7 @@ class Handler:
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         self.attempts[address] += 1
+        self.rcpts.append((address, id(session)))
         reply = self._next(address) or self.refuse_rcpt
         if reply == "drop":
             session.drop_in_data = True
@@ -95,8 +99,10 @@ class Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        self.contents.update(envelope.rcpt_tos)
         if getattr(session, "drop_in_data", False):
             session.drop_in_data = False
+            self.dropped.add(id(session))
             server.transport.close()  # gone before the reply: the client cannot know
             return "250 never seen"
         if self.delay:

@@ -68,8 +68,10 @@ def test_a_refusal_that_is_not_the_readers_stops_the_run_and_harms_nobody(tmp_pa
         assert advice in run.stderr and reply.split(" ", 1)[1][:30] in run.stderr
         assert handler.received == []
         assert_nobody_harmed(config, everyone)
-        # At most one message a connection was tried before the stop: no burning through the list.
-        assert sum(handler.attempts.values()) <= 2
+        # At most one message a connection was tried before the stop: no burning through the
+        # list. (Each connection may have sent the next message's envelope behind the first
+        # one's content: two envelopes a connection, and no more.)
+        assert sum(handler.contents.values()) <= 2 and sum(handler.attempts.values()) <= 4
         # `subscribers add` still takes them: nobody was suppressed.
         assert run_cli("subscribers", "add", everyone[0], env=env).returncode == 0
 

@@ -114,7 +114,10 @@ def test_server_replies_are_honoured(tmp_path, cert, pipelining):
     # A policy refusal that names no one: failed, but never suppressed.
     assert states["r4@example.com"][0] == "failed" and handler.attempts["r4@example.com"] == 1
     # Always 4xx: retried with backoff up to max_attempts, then failed with the last reply.
-    assert handler.attempts["r7@example.com"] == 3
+    # (An envelope sent early behind r5's content, on the connection r5's drop closed, is
+    # not a try: the client never read its reply.)
+    assert len([s for r, s in handler.rcpts if r == "r7@example.com" and s not in handler.dropped]) == 3
+    assert states["r7@example.com"][2] == 3
     assert states["r7@example.com"][0] == "failed" and "gave up after 3 attempts" in states["r7@example.com"][1]
     assert summary.counts == {"pending": 0, "sending": 0, "sent": 6, "deferred": 0, "failed": 3, "skipped": 0,
                               "uncertain": 1}
@@ -128,7 +131,8 @@ def test_server_replies_are_honoured(tmp_path, cert, pipelining):
         # (the policy refusal, the one given up on), never the mailbox that does not exist.
         summary = send_issue(EXAMPLE, config, resend_uncertain=True, retry_failed=True)
     assert handler.delivered()["r5@example.com"] == 1 and handler.delivered()["r4@example.com"] == 1
-    assert handler.attempts["r7@example.com"] == 3 + 5  # retried afresh: max_attempts (5) more, still 451
+    tries = [s for r, s in handler.rcpts if r == "r7@example.com" and s not in handler.dropped]
+    assert len(tries) == 3 + 5  # retried afresh: max_attempts (5) more, still 451
     assert handler.attempts["r3@example.com"] == 1
     assert summary.counts["sent"] == 8 and summary.counts["failed"] == 2
 

@@ -4,6 +4,7 @@ not SMTP, the EHLO name, and verify_tls = false said out loud."""
 
 import asyncio
 import re
+import time
 
 import pytest
 
@@ -335,6 +336,105 @@ def test_a_failed_commit_drops_the_message_before_its_final_dot(tmp_path, cert, 
         outcomes = asyncio.run(send())
     assert [o.state for o in outcomes] == ["sent"]
     assert [r.recipient for r in handler.received] == ["r0@example.com"]  # once: the dropped one never arrived
+
+
+# -- the next envelope behind the "." (RFC 2920 4) ------------------------------------------------
+
+def test_the_next_messages_envelope_goes_out_behind_the_final_dot(tmp_path, example):
+    """A server that answers a "." only once it has read what the client sent with it sees
+    the next message's MAIL, RCPT and DATA already there: one round trip a message."""
+    factory_message = _one_message(tmp_path, example)
+    seen_with_dot: list[bytes] = []
+
+    async def serve(reader, writer):
+        async def reply(line):
+            writer.write(line + b"\r\n")
+            await writer.drain()
+        await reply(b"220 test ESMTP")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                await reply(b"250-test\r\n250 PIPELINING")
+            elif verb in (b"MAIL", b"RCPT", b"RSET"):
+                await reply(b"250 ok")
+            elif verb == b"DATA":
+                await reply(b"354 go on")
+                while (content := await reader.readline()) != b".\r\n":
+                    assert content
+                try:  # whatever came with the "." (the client does not wait for our reply)
+                    seen_with_dot.append(await asyncio.wait_for(reader.readuntil(b"DATA\r\n"), 2))
+                except asyncio.TimeoutError:
+                    seen_with_dot.append(b"")
+                    await reply(b"250 queued")
+                    continue
+                await reply(b"250 queued")
+                for _ in range(3):  # the early envelope's MAIL, RCPT and DATA
+                    await reply(b"250 ok" if _ < 2 else b"354 go on")
+                while (content := await reader.readline()) != b".\r\n":
+                    assert content
+                await reply(b"250 queued")
+            elif verb == b"QUIT":
+                await reply(b"221 bye")
+                break
+
+    class Second:
+        sender, recipient, needs_dot_stuffing = factory_message.sender, "r1@example.com", False
+        data = b"Subject: two\r\n\r\nsecond\r\n"
+
+    async def run():
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        env = settings_env(tmp_path, port, smtp_security="none")
+        del env["NEWSLETTER_SMTP_USERNAME"], env["NEWSLETTER_SMTP_PASSWORD"]
+        settings = config_for(env).smtp
+        try:
+            conn = await SmtpConnection.open(settings)
+            first = await conn.send(factory_message, after=Second)
+            second = await conn.send(Second)
+            await conn.quit()
+            return first, second
+        finally:
+            server.close()
+
+    first, second = asyncio.run(run())
+    assert (first.state, second.state) == ("sent", "sent")
+    assert seen_with_dot == [b"MAIL FROM:<%s>\r\nRCPT TO:<r1@example.com>\r\nDATA\r\n" % Second.sender.encode()]
+
+
+def test_an_early_envelope_never_delivers_a_message_that_is_not_sent(tmp_path, cert, example):
+    """The run stopped after the "." that carried the next envelope: closing the connection
+    drops it (a QUIT there would be read as content), and nothing more is delivered. A
+    refusal of an early envelope fails that message alone."""
+    from newsletter.backends.smtp import SmtpWorker
+    message = _one_message(tmp_path, example)
+
+    class Other:
+        sender, needs_dot_stuffing = message.sender, False
+        data = b"Subject: other\r\n\r\nother\r\n"
+
+        def __init__(self, recipient):
+            self.recipient = recipient
+
+    handler = Handler(script={"gone@example.com": ["550 5.1.1 no such user"]})
+    with Server(handler, tls=cert) as server:
+        settings = config_for(settings_env(tmp_path, server.port, cert)).smtp
+
+        async def run():
+            worker = SmtpWorker(settings)
+            try:
+                never, gone, last = Other("never@example.com"), Other("gone@example.com"), Other("last@example.com")
+                outcomes = await worker.send_batch([message], after=never)
+                assert worker.conn.early is never
+                outcomes += await worker.send_batch([gone], after=last)  # not `never`: a new connection
+                outcomes += await worker.send_batch([last], after=Other("unsent@example.com"))
+                return outcomes
+            finally:
+                await worker.close()
+
+        outcomes = asyncio.run(run())
+        time.sleep(0.2)  # the server sees the connections close
+    assert [(o.state, o.fault) for o in outcomes] == [("sent", None), ("failed", "recipient"), ("sent", None)]
+    assert [r.recipient for r in handler.received] == ["r0@example.com", "last@example.com"]
 
 
 def test_bytes_that_arrive_while_the_handshake_waits_its_turn_are_refused_too(tmp_path, cert, monkeypatch):

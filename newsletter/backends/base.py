@@ -26,9 +26,12 @@ class Worker:
         """Seconds to wait before taking more work (it could not connect): the others go on."""
         return 0.0
 
-    async def send_batch(self, messages: list[Message], ready: Awaitable | None = None) -> list[Outcome]:
+    async def send_batch(self, messages: list[Message], ready: Awaitable | None = None,
+                         after: Message | None = None) -> list[Outcome]:
         """`ready`, when given, is done once the ledger says these messages are `sending`:
-        nothing may be delivered before (it raises StoreError if that commit failed)."""
+        nothing may be delivered before (it raises StoreError if that commit failed).
+        `after`: the first message of the worker's next batch, if it has one already
+        (SMTP starts its envelope early)."""
         if ready is not None:
             await ready
         return [await self.send(message) for message in messages]

@@ -332,7 +332,8 @@ class HttpWorker(Worker):
     async def send(self, message: Message) -> Outcome:
         return (await self.send_batch([message]))[0]
 
-    async def send_batch(self, messages: list[Message], ready: Awaitable | None = None) -> list[Outcome]:
+    async def send_batch(self, messages: list[Message], ready: Awaitable | None = None,
+                         after: Message | None = None) -> list[Outcome]:
         if ready is not None:
             await ready  # the batch is `sending` in the ledger: a request is sent whole, so no sooner
         backend = self.backend

@@ -104,6 +104,7 @@ class SmtpConnection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float):
         self.reader, self.writer, self.timeout = reader, writer, timeout
         self.extensions: dict[str, str] = {}
+        self.early: Message | None = None  # the message whose envelope went out behind the last "."
 
     # -- talking ---------------------------------------------------------------------------
 
@@ -290,21 +291,34 @@ class SmtpConnection:
 
     # -- sending ---------------------------------------------------------------------------
 
-    async def send(self, message: Message, ready: Awaitable | None = None) -> Outcome:
+    async def send(self, message: Message, ready: Awaitable | None = None, after: Message | None = None) -> Outcome:
         """`ready`: see Worker.send_batch. The content goes out meanwhile; only the final
-        ".", which makes the server take the message, waits for it."""
-        envelope = [f"MAIL FROM:<{message.sender}>", f"RCPT TO:<{message.recipient}>", "DATA"]
-        if "PIPELINING" in self.extensions:
-            self.write("".join(f"{line}\r\n" for line in envelope).encode("ascii"))
+        ".", which makes the server take the message, waits for it.
+
+        `after`: the message this connection sends next. With PIPELINING its envelope
+        goes out right behind this one's "." (RFC 2920 4 shows it), so that its replies
+        come back with this one's: a round trip a message instead of two. An envelope
+        delivers nothing without its content and "."."""
+        if self.early is not None:
+            if self.early is not message:  # a bug in the caller: this connection is mid-envelope
+                raise ConnectionLost("the connection holds another message's envelope")
+            self.early = None
+            try:
+                async with asyncio.timeout(self.timeout):
+                    replies = [await self._read_reply() for _ in range(3)]
+            except TimeoutError:
+                raise ConnectionLost(f"no reply within {self.timeout:g} s") from None
+        elif "PIPELINING" in self.extensions:
+            self.write(_envelope(message))
             try:
                 async with asyncio.timeout(self.timeout):  # one timer for the three replies
                     await self.drain()
-                    replies = [await self._read_reply() for _ in envelope]
+                    replies = [await self._read_reply() for _ in range(3)]
             except TimeoutError:
                 raise ConnectionLost(f"no reply within {self.timeout:g} s") from None
         else:
             replies = []
-            for line in envelope:
+            for line in (f"MAIL FROM:<{message.sender}>", f"RCPT TO:<{message.recipient}>", "DATA"):
                 replies.append(await self.command(line))
                 if replies[-1].code >= 400:
                     break
@@ -320,6 +334,10 @@ class SmtpConnection:
         if message.needs_dot_stuffing and (data.startswith(b".") or b"\r\n." in data):
             data = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..")
         end = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
+        if after is not None and "PIPELINING" in self.extensions:
+            end += _envelope(after)
+        else:
+            after = None
         if ready is not None and not ready.done():
             self.write(data)
             try:
@@ -337,12 +355,16 @@ class SmtpConnection:
             reply = await self.read_reply()
         except ConnectionLost as exc:
             raise ConnectionLost(exc.reply, content_sent=True) from exc
+        self.early = after  # its replies are next
         return smtp_outcome(reply.code, reply.text, DATA)
 
     async def reset(self) -> None:
         await self.command("RSET")
 
     async def quit(self) -> None:
+        if self.early is not None:  # the server may be waiting for content: QUIT would be taken for it
+            self.abort()
+            return
         try:
             await asyncio.wait_for(self.command("QUIT"), 2)
         except (ConnectionLost, asyncio.TimeoutError, OSError):
@@ -354,6 +376,10 @@ class SmtpConnection:
             self.writer.close()
         except OSError:
             pass
+
+
+def _envelope(message: Message) -> bytes:
+    return f"MAIL FROM:<{message.sender}>\r\nRCPT TO:<{message.recipient}>\r\nDATA\r\n".encode("ascii")
 
 
 def _text(line: bytes) -> str:
@@ -446,11 +472,16 @@ class SmtpWorker(Worker):
     def pause(self) -> float:
         return max(0.0, self.resume_at - time.monotonic())
 
-    async def send_batch(self, messages: list[Message], ready: Awaitable | None = None) -> list[Outcome]:
-        return [await self.send(message, ready) for message in messages]
+    async def send_batch(self, messages: list[Message], ready: Awaitable | None = None,
+                         after: Message | None = None) -> list[Outcome]:
+        return [await self.send(message, ready, after if i == len(messages) - 1 else messages[i + 1])
+                for i, message in enumerate(messages)]
 
-    async def send(self, message: Message, ready: Awaitable | None = None) -> Outcome:
+    async def send(self, message: Message, ready: Awaitable | None = None, after: Message | None = None) -> Outcome:
         for attempt in (1, 2):
+            if self.conn is not None and self.conn.early not in (None, message):
+                await self.conn.quit()  # it holds the envelope of a message that is not coming
+                self.conn = None
             if self.conn is None or self.used >= self.settings.messages_per_connection:
                 try:
                     await self._reconnect()
@@ -458,8 +489,9 @@ class SmtpWorker(Worker):
                     self.unreachable(exc)  # may stop the run: nothing got through for too long
                     return unreachable(str(exc))
             self.used += 1
-            try:
-                outcome = await self.conn.send(message, ready)
+            try:  # the next message's envelope rides with this one's "." if this connection will send it
+                outcome = await self.conn.send(message, ready,
+                                               after if self.used < self.settings.messages_per_connection else None)
             except ConnectionLost as exc:
                 self.conn.abort()
                 self.conn = None
