@@ -28,9 +28,12 @@ not used. If they are missing and this runs as root with apt-get, the package is
    process with its ledger in SQLite, then in PostgreSQL (a throwaway server started here
    from Debian's postgresql, fsync on, default settings, on loopback), then two such
    processes at once against the one PostgreSQL ledger, splitting the list between them
-   (wall time from the first start to the last exit). Checked: the PostgreSQL ledger holds
-   N sent rows, the sink counted N messages. Goals: PostgreSQL >= 0.8x SQLite with one
-   sender; two senders >= 1.5x one.
+   (wall time from the first start to the last exit); then, where this runs as root with a
+   writable cgroup cpu controller, one sender and two senders again with each sender in a
+   cgroup of its own capped at half a CPU (the closest one machine comes to senders on
+   machines of their own). Checked: each PostgreSQL ledger holds N sent rows, the sink
+   counted N messages a run. Goals: PostgreSQL >= 0.8x SQLite with one sender; two
+   senders >= 1.5x one. ``--sessions S`` sets the SMTP sessions of every send.
 
 Run it from anywhere with the project's venv python:
 
@@ -606,8 +609,10 @@ def ledger_bench(sink_bin: str, n: int, sessions: int, repeat: int) -> int:
 
     if not pg_server.installed():
         fail("PostgreSQL's server binaries are missing: apt-get install -y postgresql", code=2)
-    times: dict[str, list[float]] = {"sqlite": [], "pg": [], "two": []}
-    busy: dict[str, list[float]] = {"sqlite": [], "pg": [], "two": []}  # the machine's CPUs, all of them
+    caps = CpuCaps.make(2)  # a CPU quota for each sender of the capped runs, or None
+    kinds = ["sqlite", "pg", "two"] + (["pg_capped", "two_capped"] if caps else [])
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    busy: dict[str, list[float]] = {k: [] for k in kinds}  # the machine's CPUs, all of them
     os.environ.update(pg_server.PostgresServer.env())  # the password, for our own checks of the ledger
     with tempfile.TemporaryDirectory(prefix="newsletter-bench-ledger-") as tmp, \
             pg_server.PostgresServer(durable=True) as pg:
@@ -624,57 +629,130 @@ def ledger_bench(sink_bin: str, n: int, sessions: int, repeat: int) -> int:
                 store = fresh_copy(template, run_dir)
                 command = [sys.executable, "-m", "newsletter", "send", ISSUE, "--to", str(recipients),
                            "--config", str(write_config(run_dir, store))]
-                note(f"[{r + 1}/{repeat}] SQLite ledger, one sender ...")
                 m0 = sink.counters()[1]
-                b0 = machine_busy()
-                times["sqlite"].append(run_child(command, env, tmp_path, "newsletter send (SQLite)")[0])
-                busy["sqlite"].append(machine_busy(b0))
-                check_sent(store, n, "newsletter send (SQLite)")
-
-                note(f"[{r + 1}/{repeat}] PostgreSQL ledger, one sender ...")
-                pg_env = {**env, "NEWSLETTER_STORE_URL": pg.new_database()}
-                b0 = machine_busy()
-                times["pg"].append(run_child(command, pg_env, tmp_path, "newsletter send (PostgreSQL)")[0])
-                busy["pg"].append(machine_busy(b0))
-                check_pg_sent(pg_env["NEWSLETTER_STORE_URL"], n)
-
-                note(f"[{r + 1}/{repeat}] PostgreSQL ledger, two senders at once ...")
-                pg_env = {**env, "NEWSLETTER_STORE_URL": pg.new_database()}
-                b0 = machine_busy()
-                start = time.perf_counter()
-                both = [subprocess.Popen(command, cwd=ROOT, env=pg_env, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL) for _ in range(2)]
-                outputs = [p.communicate()[0].decode(errors="replace") for p in both]
-                times["two"].append(time.perf_counter() - start)
-                busy["two"].append(machine_busy(b0))
-                for p, output in zip(both, outputs):
-                    if p.returncode != 0:
-                        fail(f"two senders: one exited {p.returncode}:\n{output}")
-                check_pg_sent(pg_env["NEWSLETTER_STORE_URL"], n)
-                if sink.counters()[1] - m0 != 3 * n:
-                    fail(f"smtp-sink counted {sink.counters()[1] - m0} messages over the three runs, not {3 * n}")
+                for kind in kinds:
+                    note(f"[{r + 1}/{repeat}] {LEDGER_RUNS[kind]} ...")
+                    run_env = env if kind == "sqlite" else {**env, "NEWSLETTER_STORE_URL": pg.new_database()}
+                    b0 = machine_busy()
+                    times[kind].append(run_senders(command, run_env, 2 if kind.startswith("two") else 1,
+                                                   caps if kind.endswith("capped") else None))
+                    busy[kind].append(machine_busy(b0))
+                    if kind == "sqlite":
+                        check_sent(store, n, "newsletter send (SQLite)")
+                    else:
+                        check_pg_sent(run_env["NEWSLETTER_STORE_URL"], n)
+                if sink.counters()[1] - m0 != len(kinds) * n:
+                    fail(f"smtp-sink counted {sink.counters()[1] - m0} messages over the {len(kinds)} runs, "
+                         f"not {len(kinds) * n}")
         finally:
             sink.stop()
+            if caps:
+                caps.remove()
         server_version = pg.version()
 
     med = statistics.median
     rate = {k: n / med(v) for k, v in times.items()}
-    pg_ratio, two_ratio = rate["pg"] / rate["sqlite"], rate["two"] / rate["pg"]
     runs = f"median of {repeat}" if repeat > 1 else "1 run"
     print(f"ledger benchmark: `newsletter send {ISSUE} --to list.csv`, {n:,} messages over {sessions} SMTP sessions"
           f" each, to one smtp-sink on 127.0.0.1; {runs}, runs alternated; nproc {os.cpu_count()}, "
           f"SQLite {sqlite3.sqlite_version}, PostgreSQL {server_version} (fsync on, default settings, loopback)")
-    cpus = {k: f"   machine {med(v):.0%} busy" for k, v in busy.items()}
-    print(f"  SQLite ledger, one sender         {rate['sqlite']:8,.0f} msg/s" + " " * 42 + cpus["sqlite"])
-    print(f"  PostgreSQL ledger, one sender     {rate['pg']:8,.0f} msg/s   {pg_ratio:5.2f}x SQLite "
-          f"(goal >= {PG_GOAL:g}x: {'ok' if pg_ratio >= PG_GOAL else 'MISSED'})" + cpus["pg"])
-    print(f"  PostgreSQL ledger, two senders    {rate['two']:8,.0f} msg/s   {two_ratio:5.2f}x one sender "
-          f"(goal >= {TWO_GOAL:g}x: {'ok' if two_ratio >= TWO_GOAL else 'MISSED'})" + cpus["two"])
-    print(f"machine busy: all {os.cpu_count()} CPUs (our senders, smtp-sink and PostgreSQL together), from /proc/stat")
+
+    def line(kind: str, against: str | None = None, goal: float | None = None, what: str = "") -> None:
+        ratio = f"{rate[kind] / rate[against]:6.3f}x {what}" if against else ""
+        verdict = f" (goal >= {goal:g}x: {'ok' if rate[kind] / rate[against] >= goal else 'MISSED'})" if goal else ""
+        print(f"  {LEDGER_RUNS[kind]:<48}{rate[kind]:8,.0f} msg/s  {ratio:<22}{verdict:<28}"
+              f"machine {med(busy[kind]):.0%} busy")
+
+    line("sqlite")
+    line("pg", "sqlite", PG_GOAL, "SQLite")
+    line("two", "pg", TWO_GOAL, "one sender")
+    if caps:
+        line("pg_capped")
+        line("two_capped", "pg_capped", TWO_GOAL, "one capped")
+    else:
+        print(f"  (senders capped at {CpuCaps.SHARE:g} CPU each: not measured, {CpuCaps.why_not})")
+    print(f"machine busy: all {os.cpu_count()} CPUs (our senders, smtp-sink and PostgreSQL together), from /proc/stat;"
+          f" capped: each sender in a cgroup of its own with a quota of {CpuCaps.SHARE:g} CPU, standing in for a"
+          " machine of its own (the sink and the server are not capped)")
     print(f"checked: each run's ledger holds {n:,} sent rows and smtp-sink counted {n:,} messages")
     print(f"rerun: cd {shlex.quote(str(ROOT))} && {shlex.quote(sys.executable)} bench/send.py --ledger"
-          + (f" --messages {n}" if n != 20_000 else "") + (f" --repeat {repeat}" if repeat > 1 else ""))
+          + (f" --messages {n}" if n != 20_000 else "") + (f" --sessions {sessions}" if sessions != 4 else "")
+          + (f" --repeat {repeat}" if repeat > 1 else ""))
     return 0
+
+
+LEDGER_RUNS = {
+    "sqlite": "SQLite ledger, one sender",
+    "pg": "PostgreSQL ledger, one sender",
+    "two": "PostgreSQL ledger, two senders at once",
+    "pg_capped": "PostgreSQL, one sender capped",
+    "two_capped": "PostgreSQL, two senders at once, each capped",
+}
+
+
+def run_senders(command: list[str], env: dict[str, str], count: int, caps: "CpuCaps | None") -> float:
+    """`count` send processes at once (each in a capped cgroup of its own when `caps`);
+    wall seconds from the first start to the last exit. Exits on a failure."""
+    start = time.perf_counter()
+    senders = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL,
+                                preexec_fn=(lambda i=i: caps.enter(i)) if caps else None) for i in range(count)]
+    outputs = [p.communicate()[0].decode(errors="replace") for p in senders]
+    elapsed = time.perf_counter() - start
+    for p, output in zip(senders, outputs):
+        if p.returncode != 0:
+            fail(f"newsletter send exited {p.returncode}:\n{output}")
+    return elapsed
+
+
+class CpuCaps:
+    """A cgroup (v1 cpu controller, or v2 cpu.max) for each of `count` senders, with a
+    quota of SHARE CPU each: on one machine, the closest thing to senders on machines of
+    their own. Needs root and a writable cgroup file system; make() says None otherwise."""
+
+    SHARE = 0.5
+    why_not = ""
+
+    def __init__(self, folders: list[Path]):
+        self.folders = folders
+
+    @classmethod
+    def make(cls, count: int) -> "CpuCaps | None":
+        period = 100_000
+        for base, write in ((Path("/sys/fs/cgroup/cpu"), cls._v1), (Path("/sys/fs/cgroup"), cls._v2)):
+            if not (base / "cgroup.procs").exists():
+                continue
+            folders = [base / f"newsletter-bench-{os.getpid()}-{i}" for i in range(count)]
+            try:
+                for folder in folders:
+                    folder.mkdir(exist_ok=True)
+                    write(folder, int(cls.SHARE * period), period)
+                return cls(folders)
+            except OSError as exc:
+                cls.why_not = f"{base}: {exc.strerror or exc}"
+                cls(folders).remove()
+        cls.why_not = cls.why_not or "no cgroup cpu controller here"
+        return None
+
+    @staticmethod
+    def _v1(folder: Path, quota: int, period: int) -> None:
+        (folder / "cpu.cfs_period_us").write_text(str(period))
+        (folder / "cpu.cfs_quota_us").write_text(str(quota))
+
+    @staticmethod
+    def _v2(folder: Path, quota: int, period: int) -> None:
+        (folder / "cpu.max").write_text(f"{quota} {period}")
+
+    def enter(self, i: int) -> None:
+        """In the child, before exec: into cgroup i."""
+        (self.folders[i] / "cgroup.procs").write_text(str(os.getpid()))
+
+    def remove(self) -> None:
+        for folder in self.folders:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def machine_busy(since: tuple[int, int] | None = None):

@@ -273,7 +273,7 @@ class _Run:
             ended = [False]  # this worker has taken its end-of-queue None
             try:
                 await deliver_from_queue(worker, ended)
-            except Exception as exc:  # a bug, or the store failed: stop everything, but never leave the producer waiting
+            except Exception as exc:  # the store failed, or a bug: stop, but never leave the producer waiting
                 fatal.append(exc)
                 stop.set()
                 while not ended[0]:
