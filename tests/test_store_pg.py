@@ -135,6 +135,36 @@ def test_a_store_lost_mid_send_stops_it_with_the_ledger_true_and_a_resend_finish
     assert set(everyone) - set(counts) <= uncertain
 
 
+def test_serve_answers_webhooks_on_its_one_connection_to_the_database(tmp_path, pg_store):
+    """Postmark posts one event a request: each used to open a connection of its own (a
+    new server process each, on PostgreSQL). serve's store thread keeps one for them all."""
+    import httpx
+    from test_webhooks import PEOPLE, POSTMARK, make_config, message_id
+    from webhook_service import Service as InProcessService
+
+    def sessions_so_far() -> int:  # this look is a session too
+        with open_at(pg_store) as store:
+            return store.db.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
+                                    ).fetchone()[0]
+
+    config = make_config(tmp_path, postmark_username=POSTMARK[0], postmark_password=POSTMARK[1])
+    with InProcessService(config) as running, httpx.Client(base_url=running.url, timeout=20) as client:
+        before = sessions_so_far()
+        for i in range(20):
+            soft = {"RecordType": "Bounce", "ID": i + 1, "Type": "SoftBounce", "TypeCode": 4096,
+                    "Email": PEOPLE[i % len(PEOPLE)], "Details": "smtp;452 4.2.2 mailbox full",
+                    "Metadata": {"message_id": message_id(PEOPLE[i % len(PEOPLE)])}}
+            assert client.post("/webhooks/postmark", json=soft, auth=POSTMARK).status_code == 200
+        hard = {"RecordType": "Bounce", "ID": 99, "Type": "HardBounce", "TypeCode": 1, "Email": PEOPLE[0],
+                "Details": "smtp;550 5.1.1 no such user", "Metadata": {"message_id": message_id(PEOPLE[0])}}
+        assert client.post("/webhooks/postmark", json=hard, auth=POSTMARK).json() == {"events": 1, "changed": 1}
+        time.sleep(0.5)  # a closed session's count reaches the statistics as its process exits
+        opened = sessions_so_far() - before
+    assert opened <= 3  # the store thread's, and this test's own looks: not one a request
+    with open_at(pg_store) as store:
+        assert store.suppressed(PEOPLE[0]) and store.status(PEOPLE[0]) == "bounced"
+
+
 def test_an_unsubscribe_through_serve_is_honoured_by_the_running_send(tmp_path, cert, pg_store, pg_server):
     handler = Handler(delay=0.05)
     everyone = addresses(60)

@@ -44,7 +44,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import jinja2
 from starlette.background import BackgroundTask
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
@@ -54,7 +53,7 @@ from ..errors import ConfigError, StoreError
 from ..message import display_address
 from ..outcome import HARD_BOUNCE, MESSAGE, RECIPIENT, SENDER, SENT, Event
 from ..recipients import Recipient, clean_name, normalize
-from ..store import open_store
+from .plumbing import store_thread
 
 log = logging.getLogger("newsletter.signup")
 
@@ -360,10 +359,6 @@ class Signup:
         token = make_token(self.secret, self.list_id, address, name, expires)
         return f"{self.config.serve.public_url}/subscribe/confirm/{token}"
 
-    def _blocked(self, address: str) -> bool:
-        with open_store(self.config.store) as store:
-            return store.suppressed(address) or store.status(address) in BLOCKED_STATUSES
-
     async def deliver(self, address: str, name: str | None) -> None:
         """After the answer: whether anything goes out depends on the address, so none of it
         may show in the answer."""
@@ -371,7 +366,7 @@ class Signup:
         try:
             if not self.recent.claim(address.lower()):
                 result = "recent"
-            elif await run_in_threadpool(self._blocked, address):
+            elif await store_thread(self.config.store).call(_blocked, address):
                 result = "blocked"  # never mail a hard bounce or a complaint again
             else:
                 result = await self._send(address, name)
@@ -401,20 +396,27 @@ class Signup:
                     _whose(outcome), outcome.reply)
         if outcome.suppress:  # "no such mailbox": the same policy as any send's bounce
             event = Event(HARD_BOUNCE, address, "sign-up confirmation", outcome.reply)
-            await run_in_threadpool(self._record, event)
+            await store_thread(self.config.store).call(_record_event, event)
         return "failed"
 
-    def _record(self, event: Event) -> None:
-        with open_store(self.config.store) as store:
-            store.record_event(event)
 
-    def confirm(self, address: str, name: str | None) -> str:
-        """'subscribed', or 'blocked' for an address that bounced for good or complained."""
-        with open_store(self.config.store) as store, store.transaction():
-            if store.suppressed(address) or store.status(address) in BLOCKED_STATUSES:
-                return "blocked"
-            result = store.add(Recipient(address, name), "sign-up confirmed", resubscribe=True)
-        return "blocked" if result == "suppressed" else "subscribed"
+# Run in the store's thread (plumbing.StoreThread), on its one connection.
+
+def _blocked(store, address: str) -> bool:
+    return store.suppressed(address) or store.status(address) in BLOCKED_STATUSES
+
+
+def _record_event(store, event: Event) -> None:
+    store.record_event(event)
+
+
+def _confirm(store, address: str, name: str | None) -> str:
+    """'subscribed', or 'blocked' for an address that bounced for good or complained."""
+    with store.transaction():
+        if _blocked(store, address):
+            return "blocked"
+        result = store.add(Recipient(address, name), "sign-up confirmed", resubscribe=True)
+    return "blocked" if result == "suppressed" else "subscribed"
 
 
 def _backend_problems(config: Config, backend: str) -> list[str]:
@@ -583,7 +585,7 @@ async def confirm(request: Request) -> Response:
     service, address, name = opened
     pub = service.config.publication.name
     try:
-        result = await run_in_threadpool(service.confirm, address, name)
+        result = await store_thread(service.config.store).call(_confirm, address, name)
     except StoreError as exc:  # read-only, full or busy: the link still works later
         log.error("sign-up: could not confirm: %s", exc)
         return _page(service.config, "Try again later", [

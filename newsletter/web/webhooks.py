@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import logging
 
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from ..errors import StoreError
 from ..outcome import Event
-from ..store import open_store
 from .hooks import Incoming, Rejected, mailgun, postmark, resend, sendgrid, ses
+from .plumbing import store_thread
 
 log = logging.getLogger("newsletter.webhooks")
 
@@ -44,9 +43,9 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _record(settings, events: list[Event]) -> int:
-    with open_store(settings) as store:
-        return store.record_events(events)
+def _record(store, events: list[Event]) -> int:
+    """In the store's thread (plumbing.StoreThread), on its one connection."""
+    return store.record_events(events)
 
 
 def _endpoint(provider):
@@ -62,7 +61,7 @@ def _endpoint(provider):
                                 request.client.host if request.client else None, settings,
                                 states.setdefault(provider.NAME, {}))
             events = await provider.events(incoming)
-            changed = await run_in_threadpool(_record, config.store, events) if events else 0
+            changed = await store_thread(config.store).call(_record, events) if events else 0
         except Rejected as exc:
             # the provider's words about the request, never a secret or the body
             log.warning("%s webhook refused (%d): %s", provider.NAME, exc.status, exc.message)
