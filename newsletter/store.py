@@ -472,21 +472,39 @@ class Store:
     def enqueue(self, issue: str, recipients: Iterable[Recipient], key_of, chunk: int = 5000,
                 dest: str = DELIVERY) -> int:
         """Add a list's readers who have no row for this issue yet, as pending, in its
-        order; a transaction for each `chunk` of them. Returns how many were added."""
+        order; a transaction for each `chunk` of them. Returns how many were added. Readers
+        already in the ledger are looked up first: a resumed send of a million from its
+        list would otherwise sign them all again and write them all again for nothing."""
         added = 0
-        rows = []
+        listed: list[Recipient] = []
         stamp = now_iso()
+
+        def add():
+            present = self._in_ledger(issue, dest, [r.email for r in listed])
+            rows = [(issue, dest, r.email, r.name, json.dumps(r.fields, sort_keys=True) if r.fields else None,
+                     key_of(r.email), stamp) for r in listed if r.email not in present]
+            return self._add_deliveries(rows) if rows else 0
+
         for r in recipients:
             if r.status != "subscribed":
                 continue  # a list that says they left is honoured
-            rows.append((issue, dest, r.email, r.name, json.dumps(r.fields, sort_keys=True) if r.fields else None,
-                         key_of(r.email), stamp))
-            if len(rows) >= chunk:
-                added += self._add_deliveries(rows)
-                rows = []
-        if rows:
-            added += self._add_deliveries(rows)
+            listed.append(r)
+            if len(listed) >= chunk:
+                added += add()
+                listed = []
+        if listed:
+            added += add()
         return added
+
+    def _in_ledger(self, issue: str, dest: str, emails: list[str]) -> set[str]:
+        """Which of these addresses, as given, already have a row for this issue (compared
+        as the ledger compares them: without regard to case)."""
+        found: set[str] = set()
+        for start in range(0, len(emails), 5000):
+            found.update(e for (e,) in self.db.execute(
+                "SELECT value FROM json_each(?) WHERE EXISTS (SELECT 1 FROM deliveries WHERE issue = ?"
+                " AND destination = ? AND email = value)", (json.dumps(emails[start:start + 5000]), issue, dest)))
+        return found
 
     def _add_deliveries(self, rows: list[tuple]) -> int:
         """(issue, destination, email, name, fields, rkey, updated_at) rows, in one

@@ -423,6 +423,11 @@ class PostgresStore(Store):
                     [(issue, dest, email, name, fields, key_of(email), stamp) for email, name, fields in rows])
                 added += cur.rowcount
 
+    def _in_ledger(self, issue: str, dest: str, emails: list[str]) -> set[str]:
+        return {e for (e,) in self.db.execute(
+            "SELECT e FROM unnest(?::text[]) AS e WHERE EXISTS (SELECT 1 FROM deliveries WHERE issue = ?"
+            " AND destination = ? AND email = e::citext)", (emails, issue, dest))}
+
     def _add_deliveries(self, rows: list[tuple]) -> int:
         """As Store's, through COPY into a temporary table and one INSERT from it: a
         statement a row cost the server more than the rest of the send's start."""

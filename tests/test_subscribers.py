@@ -243,15 +243,23 @@ def test_a_list_is_queued_in_its_own_order_once(new_store):
     """Store.enqueue (PostgreSQL: through COPY): rows in the list's order, each address
     once in any case, and a second queueing of a longer list adds only the new ones."""
     listed = [Recipient(f"r{i}@example.com", f"R {i}", {"n": str(i)} if i % 2 else {}) for i in (5, 3, 9, 1, 7)]
+    signed = []
+
+    def key_of(email):
+        signed.append(email)
+        return "k" + email
+
     with new_store() as store:
-        assert store.enqueue("issue", listed, lambda email: "k" + email) == 5
+        assert store.enqueue("issue", listed, key_of) == 5
         assert store.enqueue("issue", [Recipient("R3@EXAMPLE.com"), *listed, Recipient("r0@example.com"),
-                                       Recipient("gone@example.com", status="unsubscribed")],
-                             lambda email: "k" + email) == 1
+                                       Recipient("gone@example.com", status="unsubscribed")], key_of, chunk=3) == 1
+        assert store.enqueue("other", listed[:1], key_of) == 1  # another issue's ledger is its own
         rows = store.due("issue", 10)
     assert [(r.email, r.name, r.rkey) for r in rows] == [
         *[(x.email, x.name, "k" + x.email) for x in listed], ("r0@example.com", None, "kr0@example.com")]
     assert [r.fields for r in rows[:2]] == [{"n": "5"}, {"n": "3"}]
+    # the second time, only the new reader was signed: those in the ledger were looked up first
+    assert signed == [x.email for x in listed] + ["r0@example.com", "r5@example.com"]
 
 
 def test_queueing_again_signs_only_the_new_subscribers(new_store):
