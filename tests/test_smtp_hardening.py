@@ -437,6 +437,68 @@ def test_an_early_envelope_never_delivers_a_message_that_is_not_sent(tmp_path, c
     assert [r.recipient for r in handler.received] == ["r0@example.com", "last@example.com"]
 
 
+# -- from the review of the ledger's gate and the early envelope: each failed before its fix ----------
+
+def test_a_commit_that_failed_before_the_354_drops_the_connection_and_never_quits_in_data(tmp_path, example):
+    """The ledger's commit had failed already when the server said 354 (a slow server, or an
+    early envelope's replies read after the commit's error came back): the connection is
+    dropped there, as when the commit fails later. Kept, it was left in DATA mode, and
+    closing it sent QUIT, which the server reads as the message's content."""
+    from newsletter.backends.smtp import SmtpWorker
+    from newsletter.errors import StoreError
+    message = _one_message(tmp_path, example)
+    in_data: list[bytes] = []  # what the server read in DATA mode of a message that never ended
+
+    async def run():
+        ended = asyncio.Event()
+
+        async def serve(reader, writer):
+            async def reply(line):
+                writer.write(line + b"\r\n")
+                await writer.drain()
+            await reply(b"220 test ESMTP")
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    await reply(b"250-test\r\n250 PIPELINING")
+                elif verb in (b"MAIL", b"RCPT", b"RSET"):
+                    await reply(b"250 ok")
+                elif verb == b"DATA":
+                    await reply(b"354 go on")
+                    content = b""
+                    while (chunk := await reader.readline()) not in (b".\r\n", b""):
+                        content += chunk
+                    if not chunk:  # the client went away in the middle: nothing delivered
+                        in_data.append(content)
+                        break
+                    await reply(b"250 queued")
+                elif verb == b"QUIT":
+                    await reply(b"221 bye")
+                    break
+            ended.set()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        env = settings_env(tmp_path, server.sockets[0].getsockname()[1], smtp_security="none")
+        del env["NEWSLETTER_SMTP_USERNAME"], env["NEWSLETTER_SMTP_PASSWORD"]
+        worker = SmtpWorker(config_for(env).smtp)
+        ready = asyncio.get_running_loop().create_future()
+        ready.set_exception(StoreError("postgresql://db: the store failed: connection lost"))
+        ready.exception()
+        try:
+            with pytest.raises(StoreError, match="connection lost"):
+                await worker.send_batch([message], ready)
+            dropped = worker.conn is None
+        finally:
+            await worker.close()
+            await asyncio.wait_for(ended.wait(), 10)
+            server.close()
+        return dropped
+
+    dropped = asyncio.run(run())
+    assert in_data == [b""]  # nothing after the 354: no content, no ".", no QUIT
+    assert dropped
+
+
 def test_bytes_that_arrive_while_the_handshake_waits_its_turn_are_refused_too(tmp_path, cert, monkeypatch):
     # The check before start_tls sees only what had arrived by then. On a busy event loop
     # (other connections, messages being built) start_tls runs a while later, and an
