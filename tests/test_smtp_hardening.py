@@ -499,6 +499,34 @@ def test_a_commit_that_failed_before_the_354_drops_the_connection_and_never_quit
     assert dropped
 
 
+def test_a_connection_that_could_not_reconnect_hands_its_next_message_to_the_others(tmp_path, monkeypatch):
+    """smtp.py: when a connection cannot get through, only its message is deferred, and it
+    waits before it takes more while the others go on. The next message it had taken for
+    its early envelope goes to another connection, not out at once on a new connection of
+    its own (which the server refused too: a second message deferred for nothing)."""
+    from newsletter.backends.smtp import SmtpWorker
+    monkeypatch.setattr(SmtpWorker, "BACKOFF_FIRST", 2.0)  # the healthy connection sends the rest meanwhile
+
+    def hook(n, verb):
+        if n == 1 and verb == "MAIL":
+            return "drop"  # the first connection's first message: lost before its content
+        if n >= 3 and verb == "GREETING":
+            return b"421 4.3.2 Too busy, try later\r\n"  # and no new connection gets through
+        return None
+
+    with RogueServer(hook=hook) as server:
+        env = settings_env(tmp_path, server.port, smtp_security="none", smtp_connections=2,
+                           send_retry_delay=600, send_max_wait=0)
+        del env["NEWSLETTER_SMTP_USERNAME"], env["NEWSLETTER_SMTP_PASSWORD"]
+        config = config_for(env)
+        everyone = addresses(6)
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+    assert summary.counts["deferred"] == 1 and summary.counts["sent"] == 5, summary.counts
+    assert len(server.sessions) == 3  # two, and the one reconnection that was refused
+    assert sum(server.delivered().values()) == 5
+
+
 def test_bytes_that_arrive_while_the_handshake_waits_its_turn_are_refused_too(tmp_path, cert, monkeypatch):
     # The check before start_tls sees only what had arrived by then. On a busy event loop
     # (other connections, messages being built) start_tls runs a while later, and an
