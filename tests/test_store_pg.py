@@ -429,6 +429,32 @@ def test_a_sends_ledger_commits_marks_in_order_and_none_after_one_failed(pg_stor
         "pending  0 true"]
 
 
+def test_a_deferral_with_no_end_is_written_and_the_send_ends(tmp_path, cert, pg_store):
+    """send.retry_delay = inf (Seconds takes it), or a provider's X-RateLimit-Reset of inf:
+    a deferred row's next try is infinite. SQLite stores it; store_pg._literal had no
+    literal for it, and the TypeError killed ServerLedger's commit loop, so that no later
+    write was ever done: the send hung for ever."""
+    handler = Handler(script={"r1@example.com": ["451 4.7.1 try later"]})
+    everyone = addresses(3)
+    with Server(handler, tls=cert) as server:
+        env = {**settings_env(tmp_path, server.port, cert, send_retry_delay="inf"), "NEWSLETTER_STORE_URL": pg_store}
+        config = config_for(env)
+        subscribe(config, everyone)
+        sending = send_process(env)
+        try:
+            out, err = sending.communicate(timeout=60)
+        finally:
+            if sending.poll() is None:
+                sending.kill()
+                sending.communicate()
+    assert "Traceback" not in err and "deferred messages are due in inf s" in err, err
+    assert sending.returncode == 75, err  # as on SQLite: the deferred row waits for a later run
+    assert ledger(config) == {"r0@example.com": "sent", "r1@example.com": "deferred", "r2@example.com": "sent"}
+    with store_of(config) as store:
+        assert store.db.execute("SELECT next_try FROM deliveries WHERE email = 'r1@example.com'").fetchone()[0] == \
+            float("inf")
+
+
 def test_a_lost_connection_keeps_the_error_that_stopped_the_run(pg_store):
     from newsletter.store_pg import PostgresStore
     with PostgresStore(pg_store) as store:
