@@ -679,7 +679,9 @@ async def _run(pgconn, sql: str) -> None:
     error = None
     while (result := pgconn.get_result()) is not None:
         if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK) and error is None:
-            error = (result.error_message or b"").decode("utf-8", "replace")
+            # the server's words, as psycopg gives them (error_message begins "ERROR:  ")
+            error = (result.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or result.error_message or b""
+                     ).decode("utf-8", "replace")
     if error is not None:
         raise psycopg.OperationalError(error.strip() or "the query failed")
     if pgconn.status != pq.ConnStatus.OK:
