@@ -300,8 +300,12 @@ class _Run:
                 # The next batch, when one is waiting, is marked `sending` in the same commit
                 # as this one's outcomes: one commit a message instead of two on the SMTP path.
                 # Taken now, so that SMTP can send its envelope early.
-                following = False if stop.is_set() or worker.pause() else handed_back.pop(0) if handed_back \
-                    else False if queue.empty() else queue.get_nowait()
+                if stop.is_set() or worker.pause():
+                    following = False
+                elif handed_back:  # one another connection took and could not send
+                    following = handed_back.pop(0)
+                else:
+                    following = False if queue.empty() else queue.get_nowait()
                 ended[0] = following is None
                 try:
                     outcomes = await worker.send_batch([message for _, message in batch], ready,
