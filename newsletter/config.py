@@ -104,7 +104,7 @@ class Seconds(Option):
                 value = float(value)
             except ValueError:
                 raise ValueError(f"expected a number of seconds, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # NaN too
             raise ValueError(f"expected a number of seconds, got {value!r}")
         return float(value)
 

@@ -267,6 +267,7 @@ class _Run:
         # Messages wait here already built: a few each for SMTP, one batch each for the APIs
         # (a Postmark batch of 500 complete messages is 20 MB).
         queue: asyncio.Queue = asyncio.Queue(maxsize=len(workers) * (8 if batch_size == 1 else 1))
+        handed_back: list = []  # batches taken by a worker that then could not connect: for the others
         fatal: list[BaseException] = []
 
         async def work(worker):
@@ -289,7 +290,7 @@ class _Run:
                             await asyncio.wait_for(stop.wait(), pause)
                         except asyncio.TimeoutError:
                             pass
-                    if (batch := await queue.get()) is None:
+                    if (batch := handed_back.pop(0) if handed_back else await queue.get()) is None:
                         ended[0] = True
                         break
                     if stop.is_set():
@@ -299,8 +300,12 @@ class _Run:
                 # The next batch, when one is waiting, is marked `sending` in the same commit
                 # as this one's outcomes: one commit a message instead of two on the SMTP path.
                 # Taken now, so that SMTP can send its envelope early.
-                following = queue.get_nowait() if not (queue.empty() or stop.is_set() or worker.pause()) \
-                    else False
+                if stop.is_set() or worker.pause():
+                    following = False
+                elif handed_back:  # one another connection took and could not send
+                    following = handed_back.pop(0)
+                else:
+                    following = False if queue.empty() else queue.get_nowait()
                 ended[0] = following is None
                 try:
                     outcomes = await worker.send_batch([message for _, message in batch], ready,
@@ -315,6 +320,9 @@ class _Run:
                         break
                     batch = None
                     continue  # `following` stays pending, as everything else not sent
+                if following and worker.pause() and not stop.is_set():
+                    handed_back.append(following)  # it could not connect: it waits, the others send this
+                    following = False
                 if following and stop.is_set():
                     following = False  # stays pending: the next run sends it
                 ready, marked = self.record([d for d, _ in batch], outcomes, following or None)

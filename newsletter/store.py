@@ -559,12 +559,18 @@ class Store:
     def write_marks(self, marks: list[Mark], suppress: Iterable[tuple[str, str]] = ()) -> None:
         """A send's marks in one transaction: rows that share a new state share one
         UPDATE; and the addresses whose own refusal suppresses them, (email, reply)."""
-        groups: dict[tuple, list[int]] = {}
+        runs: list[dict[tuple, list[int]]] = [{}]  # a row marked again starts a new run: its marks stay in order
+        marked: set[int] = set()
         for mark in marks:
-            groups.setdefault(mark[1:], []).append(mark.id)
+            if mark.id in marked:
+                runs.append({})
+                marked.clear()
+            marked.add(mark.id)
+            runs[-1].setdefault(mark[1:], []).append(mark.id)
+        groups = [group for run in runs for group in run.items()]
         suppress = list(suppress)
         with self.transaction(len(groups) > 1 or len(marks) > 500 or bool(suppress)):  # 500: see mark_many
-            for (state, reply, next_try, fault, via, attempt), ids in groups.items():
+            for (state, reply, next_try, fault, via, attempt), ids in groups:
                 self.mark_many(ids, state, reply, next_try, attempt, fault, via)
             for email, reply in suppress:
                 self.suppress(email, reply)

@@ -193,8 +193,8 @@ def _literal(value) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float) and math.isfinite(value):
-        return repr(value)
+    if isinstance(value, float):  # SQLite stores an infinite next try too (send.retry_delay = inf)
+        return repr(value) if math.isfinite(value) else f"'{value}'::float8"
     if isinstance(value, str):
         if not value.isascii():  # a lone surrogate (from a provider's JSON) cannot be sent: replaced
             value = value.encode("utf-8", "replace").decode("utf-8")
@@ -639,9 +639,9 @@ class ServerLedger(SendLedger):
                 self.wake.clear()
                 await self.wake.wait()
             taken, self.queue = self.queue, []
-            statements = marks_sql([m for marks, _, _ in taken for m in marks],
-                                   [s for _, suppress, _ in taken for s in suppress])
-            try:
+            try:  # building the statements too: whatever fails, every waiter hears of it
+                statements = marks_sql([m for marks, _, _ in taken for m in marks],
+                                       [s for _, suppress, _ in taken for s in suppress])
                 if statements:
                     await _run(self.writer.pgconn, statements[0] if len(statements) == 1 else
                                "; ".join(["BEGIN", *statements, "COMMIT"]))
@@ -684,7 +684,9 @@ async def _run(pgconn, sql: str) -> None:
     error = None
     while (result := pgconn.get_result()) is not None:
         if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK) and error is None:
-            error = (result.error_message or b"").decode("utf-8", "replace")
+            # the server's words, as psycopg gives them (error_message begins "ERROR:  ")
+            error = (result.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or result.error_message or b""
+                     ).decode("utf-8", "replace")
     if error is not None:
         raise psycopg.OperationalError(error.strip() or "the query failed")
     if pgconn.status != pq.ConnStatus.OK:

@@ -918,6 +918,23 @@ def test_resend_deferred_batch_whose_answers_were_lost_is_not_sent_twice(tmp_pat
         assert server.delivered() == {a: 1 for a in everyone}
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_every_provider_sends_everyone_once_on_either_store(tmp_path, store_backend, provider):
+    """The send's ledger (SQLite's, or PostgreSQL's ServerLedger with its group commits): a
+    throttled first request, then every reader once, each row sent after one attempt."""
+    from conftest import store_of
+    everyone = addresses(45)
+    with ApiServer() as server:
+        server.throttle(1, retry_after=None)
+        config = config_for(api_env(tmp_path, server, provider, requests_in_flight=3))
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+        with store_of(config) as store:
+            rows = set(store.db.execute("SELECT state, attempts, via FROM deliveries"))
+        assert server.delivered() == {a: 1 for a in everyone}
+    assert summary.counts["sent"] == 45 and rows == {("sent", 1, provider)}
+
+
 def test_a_malformed_retry_after_falls_back_to_backoff(tmp_path):
     with ApiServer() as server:
         server.throttle(1, retry_after="in a moment")

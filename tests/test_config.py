@@ -78,6 +78,15 @@ def test_every_problem_is_reported_by_key(tmp_path):
     assert len(caught.value.messages) == 7
 
 
+def test_a_number_of_seconds_that_is_not_a_number_is_refused(tmp_path):
+    """A "nan" passed float() and `value < 0`: a deferral's next try became NaN, which SQLite
+    refused as NULL in the middle of the send (the row left in flight, reported uncertain
+    though never sent). An infinite wait is a wait: it stays allowed."""
+    with pytest.raises(ConfigError, match="NEWSLETTER_SEND_RETRY_DELAY: expected a number of seconds, got nan"):
+        load_config(write(tmp_path, GOOD), environ={"NEWSLETTER_SEND_RETRY_DELAY": "nan"})
+    assert load_config(write(tmp_path, GOOD), environ={"NEWSLETTER_SEND_MAX_WAIT": "inf"}).send.max_wait == float("inf")
+
+
 def test_header_injection_through_settings_is_refused(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, GOOD), environ={"NEWSLETTER_SENDER_NAME": "Evil\r\nBcc: all@example.com"})

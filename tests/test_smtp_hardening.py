@@ -437,6 +437,96 @@ def test_an_early_envelope_never_delivers_a_message_that_is_not_sent(tmp_path, c
     assert [r.recipient for r in handler.received] == ["r0@example.com", "last@example.com"]
 
 
+# -- from the review of the ledger's gate and the early envelope: each failed before its fix ----------
+
+def test_a_commit_that_failed_before_the_354_drops_the_connection_and_never_quits_in_data(tmp_path, example):
+    """The ledger's commit had failed already when the server said 354 (a slow server, or an
+    early envelope's replies read after the commit's error came back): the connection is
+    dropped there, as when the commit fails later. Kept, it was left in DATA mode, and
+    closing it sent QUIT, which the server reads as the message's content."""
+    from newsletter.backends.smtp import SmtpWorker
+    from newsletter.errors import StoreError
+    message = _one_message(tmp_path, example)
+    in_data: list[bytes] = []  # what the server read in DATA mode of a message that never ended
+
+    async def run():
+        ended = asyncio.Event()
+
+        async def serve(reader, writer):
+            async def reply(line):
+                writer.write(line + b"\r\n")
+                await writer.drain()
+            await reply(b"220 test ESMTP")
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    await reply(b"250-test\r\n250 PIPELINING")
+                elif verb in (b"MAIL", b"RCPT", b"RSET"):
+                    await reply(b"250 ok")
+                elif verb == b"DATA":
+                    await reply(b"354 go on")
+                    content = b""
+                    while (chunk := await reader.readline()) not in (b".\r\n", b""):
+                        content += chunk
+                    if not chunk:  # the client went away in the middle: nothing delivered
+                        in_data.append(content)
+                        break
+                    await reply(b"250 queued")
+                elif verb == b"QUIT":
+                    await reply(b"221 bye")
+                    break
+            ended.set()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        env = settings_env(tmp_path, server.sockets[0].getsockname()[1], smtp_security="none")
+        del env["NEWSLETTER_SMTP_USERNAME"], env["NEWSLETTER_SMTP_PASSWORD"]
+        worker = SmtpWorker(config_for(env).smtp)
+        ready = asyncio.get_running_loop().create_future()
+        ready.set_exception(StoreError("postgresql://db: the store failed: connection lost"))
+        ready.exception()
+        try:
+            with pytest.raises(StoreError, match="connection lost"):
+                await worker.send_batch([message], ready)
+            dropped = worker.conn is None
+        finally:
+            await worker.close()
+            await asyncio.wait_for(ended.wait(), 10)
+            server.close()
+        return dropped
+
+    dropped = asyncio.run(run())
+    assert in_data == [b""]  # nothing after the 354: no content, no ".", no QUIT
+    assert dropped
+
+
+def test_a_connection_that_could_not_reconnect_hands_its_next_message_to_the_others(tmp_path, monkeypatch):
+    """smtp.py: when a connection cannot get through, only its message is deferred, and it
+    waits before it takes more while the others go on. The next message it had taken for
+    its early envelope goes to another connection, not out at once on a new connection of
+    its own (which the server refused too: a second message deferred for nothing)."""
+    from newsletter.backends.smtp import SmtpWorker
+    monkeypatch.setattr(SmtpWorker, "BACKOFF_FIRST", 2.0)  # the healthy connection sends the rest meanwhile
+
+    def hook(n, verb):
+        if n == 1 and verb == "MAIL":
+            return "drop"  # the first connection's first message: lost before its content
+        if n >= 3 and verb == "GREETING":
+            return b"421 4.3.2 Too busy, try later\r\n"  # and no new connection gets through
+        return None
+
+    with RogueServer(hook=hook) as server:
+        env = settings_env(tmp_path, server.port, smtp_security="none", smtp_connections=2,
+                           send_retry_delay=600, send_max_wait=0)
+        del env["NEWSLETTER_SMTP_USERNAME"], env["NEWSLETTER_SMTP_PASSWORD"]
+        config = config_for(env)
+        everyone = addresses(6)
+        subscribe(config, everyone)
+        summary = send_issue(EXAMPLE, config)
+    assert summary.counts["deferred"] == 1 and summary.counts["sent"] == 5, summary.counts
+    assert len(server.sessions) == 3  # two, and the one reconnection that was refused
+    assert sum(server.delivered().values()) == 5
+
+
 def test_bytes_that_arrive_while_the_handshake_waits_its_turn_are_refused_too(tmp_path, cert, monkeypatch):
     # The check before start_tls sees only what had arrived by then. On a busy event loop
     # (other connections, messages being built) start_tls runs a while later, and an

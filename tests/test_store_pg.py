@@ -459,6 +459,60 @@ def test_a_sends_ledger_commits_marks_in_order_and_none_after_one_failed(pg_stor
         "pending  0 true"]
 
 
+def test_a_commit_the_server_refuses_stops_the_send_in_its_own_words(tmp_path, cert, pg_store):
+    """The server refuses a commit of the send's marks (here a trigger; in life a disk full,
+    a standby after a failover): the send stops with the server's message (libpq's own
+    text began "ERROR:  "), the row whose `sending` was refused is never delivered, and
+    nothing the server received is pending."""
+    handler = Handler()
+    everyone = addresses(12)
+    with Server(handler, tls=cert) as server:
+        env = {**settings_env(tmp_path, server.port, cert, smtp_connections=2), "NEWSLETTER_STORE_URL": pg_store}
+        config = config_for(env)
+        subscribe(config, everyone)
+        with store_of(config) as store:
+            store.db.execute("CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN"
+                             " RAISE EXCEPTION 'no room for the mark of %', NEW.email; END $$ LANGUAGE plpgsql")
+            store.db.execute("CREATE TRIGGER refuse BEFORE UPDATE ON deliveries FOR EACH ROW WHEN"
+                             " (NEW.state = 'sending' AND NEW.email = 'r5@example.com') EXECUTE FUNCTION refuse()")
+        sending = send_process(env)
+        out, err = sending.communicate(timeout=60)
+        time.sleep(0.3)  # the server finishes what was on the wire
+    states = ledger(config)
+    received = {m.recipient for m in handler.received}
+    assert sending.returncode == 2 and "Traceback" not in err, err
+    assert "the store failed: no room for the mark of r5@example.com" in err, err
+    assert "r5@example.com" not in received and states["r5@example.com"] == "pending"
+    assert all(states[e] in ("sent", "sending") for e in received)
+    assert sum(state == "sending" for state in states.values()) <= 2
+
+
+def test_a_deferral_with_no_end_is_written_and_the_send_ends(tmp_path, cert, pg_store):
+    """send.retry_delay = inf (Seconds takes it), or a provider's X-RateLimit-Reset of inf:
+    a deferred row's next try is infinite. SQLite stores it; store_pg._literal had no
+    literal for it, and the TypeError killed ServerLedger's commit loop, so that no later
+    write was ever done: the send hung for ever."""
+    handler = Handler(script={"r1@example.com": ["451 4.7.1 try later"]})
+    everyone = addresses(3)
+    with Server(handler, tls=cert) as server:
+        env = {**settings_env(tmp_path, server.port, cert, send_retry_delay="inf"), "NEWSLETTER_STORE_URL": pg_store}
+        config = config_for(env)
+        subscribe(config, everyone)
+        sending = send_process(env)
+        try:
+            out, err = sending.communicate(timeout=60)
+        finally:
+            if sending.poll() is None:
+                sending.kill()
+                sending.communicate()
+    assert "Traceback" not in err and "deferred messages are due in inf s" in err, err
+    assert sending.returncode == 75, err  # as on SQLite: the deferred row waits for a later run
+    assert ledger(config) == {"r0@example.com": "sent", "r1@example.com": "deferred", "r2@example.com": "sent"}
+    with store_of(config) as store:
+        assert store.db.execute("SELECT next_try FROM deliveries WHERE email = 'r1@example.com'").fetchone()[0] == \
+            float("inf")
+
+
 def test_a_lost_connection_keeps_the_error_that_stopped_the_run(pg_store):
     from newsletter.store_pg import PostgresStore
     with PostgresStore(pg_store) as store:

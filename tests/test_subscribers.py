@@ -239,6 +239,23 @@ def test_a_sends_marks_of_many_rows_and_states_are_written_as_given(new_store):
         ("sent", "200 id-1", 0, None, "resend", 1)]
 
 
+def test_a_row_marked_twice_in_one_write_ends_with_its_last_mark(new_store):
+    """Marks for one row never land out of order: on SQLite, rows that shared a new state
+    shared one UPDATE, so a row's `sending` ran after its own deferral when another row
+    had been deferred alike earlier in the same write (PostgreSQL merges them in order)."""
+    from newsletter.store import Mark
+    deferral = ("451 later", 99.5, "server")
+    with new_store() as store:
+        for i in range(2):
+            store.add(Recipient(f"r{i}@example.com"), "test")
+        store.enqueue_subscribers("issue", lambda email: "k" + email)
+        a, b = [row.id for row in store.due("issue", 10)]
+        store.write_marks([Mark(a, "deferred", *deferral), Mark(b, "sending", via="smtp", attempt=1),
+                           Mark(b, "deferred", *deferral)])
+        rows = store.db.execute("SELECT state, reply, attempts FROM deliveries ORDER BY id").fetchall()
+    assert [tuple(r) for r in rows] == [("deferred", "451 later", 0), ("deferred", "451 later", 1)]
+
+
 def test_a_list_is_queued_in_its_own_order_once(new_store):
     """Store.enqueue (PostgreSQL: through COPY): rows in the list's order, each address
     once in any case, and a second queueing of a longer list adds only the new ones."""

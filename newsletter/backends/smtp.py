@@ -348,7 +348,11 @@ class SmtpConnection:
             self.write(end)
         else:  # one write: the end marker in a send of its own would cost a system call a message
             if ready is not None:
-                ready.result()  # raises the ledger's failure, if it failed
+                try:
+                    ready.result()  # raises the ledger's failure, if it failed
+                except BaseException:
+                    self.abort()  # the server is in DATA mode: anything more would be content, QUIT too
+                    raise
             self.write(data + end)
         try:
             await self.drain()
