@@ -318,7 +318,7 @@ class SmtpConnection:
                 raise ConnectionLost(f"no reply within {self.timeout:g} s") from None
         else:
             replies = []
-            for line in (f"MAIL FROM:<{message.sender}>", f"RCPT TO:<{message.recipient}>", "DATA"):
+            for line in _envelope_lines(message):
                 replies.append(await self.command(line))
                 if replies[-1].code >= 400:
                     break
@@ -338,22 +338,18 @@ class SmtpConnection:
             end += _envelope(after)
         else:
             after = None
-        if ready is not None and not ready.done():
-            self.write(data)
+        if ready is not None:
+            if not ready.done():  # the content goes out while the commit travels
+                self.write(data)
+                data = b""
             try:
-                await ready
+                await ready  # raises the ledger's failure, if it failed
             except BaseException:
-                self.abort()  # a transaction without its "." is dropped by the server: nothing delivered
+                # No ".": the server drops the transaction, nothing is delivered. Anything
+                # more (QUIT too) would be read as content: the connection goes.
+                self.abort()
                 raise
-            self.write(end)
-        else:  # one write: the end marker in a send of its own would cost a system call a message
-            if ready is not None:
-                try:
-                    ready.result()  # raises the ledger's failure, if it failed
-                except BaseException:
-                    self.abort()  # the server is in DATA mode: anything more would be content, QUIT too
-                    raise
-            self.write(data + end)
+        self.write(data + end)  # with the content when it can: a write of its own costs a system call
         try:
             await self.drain()
             reply = await self.read_reply()
@@ -382,8 +378,13 @@ class SmtpConnection:
             pass
 
 
+def _envelope_lines(message: Message) -> tuple[str, str, str]:
+    return f"MAIL FROM:<{message.sender}>", f"RCPT TO:<{message.recipient}>", "DATA"
+
+
 def _envelope(message: Message) -> bytes:
-    return f"MAIL FROM:<{message.sender}>\r\nRCPT TO:<{message.recipient}>\r\nDATA\r\n".encode("ascii")
+    """The envelope in one write (PIPELINING)."""
+    return "".join(f"{line}\r\n" for line in _envelope_lines(message)).encode("ascii")
 
 
 def _text(line: bytes) -> str:
