@@ -17,9 +17,8 @@ differently here:
   uncertain and frees its claims. Starting up (settling, filling the ledger) takes a
   lock on the issue, one run at a time.
 - A send talks to the server from its event loop (ServerLedger), which goes on during
-  each round trip. Its marks (a message's outcome and the next one's `sending`) are
-  bound as literals, and the marks of several messages go in one statement and one
-  commit.
+  each round trip. Its marks (a message's outcome and the next one's `sending`) go in
+  one prepared statement, the marks of several messages in one commit.
 - Every statement commits at once unless inside Store.transaction(), so an unsubscribe
   committed by any `serve` is seen by the next batch of every send.
 
@@ -152,6 +151,14 @@ class _Connection:
         except (psycopg.Error, UnicodeError) as exc:
             raise self._lost(exc) from None
 
+    def execute_native(self, sql: str, params: list[bytes]) -> None:
+        """A statement with $1-style placeholders and parameters already in PostgreSQL's
+        text form (as ServerLedger sends them), which the server casts."""
+        try:
+            psycopg.RawCursor(self.conn).execute(sql, [p.decode("utf-8") for p in params])
+        except (psycopg.Error, UnicodeError) as exc:
+            raise self._lost(exc) from None
+
     def executemany(self, sql: str, rows):
         cur = self.conn.cursor()
         try:
@@ -220,45 +227,62 @@ def _bind(sql: str, params) -> str:
     return "".join(out)
 
 
-def marks_sql(marks: list[Mark], suppress: Iterable[tuple[str, str]] = ()) -> list[str]:
-    """The statements that write a send's marks (Store.write_marks), bound as literals.
+# A send's marks, whatever their states, as one statement: a column's values in an array,
+# each row's value at its place. A send's writer prepares it once, with a generic plan
+# (send_ledger): parsing and planning were half the server's work a commit when the
+# values were literals in the statement, and a custom plan each time cost as much as
+# running it (pg_stat_statements, bench/send.py --ledger).
+MARKS = """UPDATE deliveries AS d SET state = m.state, reply = coalesce(m.reply, d.reply),
+    next_try = m.next_try, updated_at = $8, fault = m.fault, via = coalesce(m.via, d.via),
+    attempts = d.attempts + m.attempt,
+    claimed_by = CASE WHEN m.state IN ('pending', 'deferred') THEN NULL ELSE d.claimed_by END
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::text[], $7::int[])
+    AS m(id, state, reply, next_try, fault, via, attempt)
+WHERE d.id = m.id"""
 
-    All the rows, whatever their states, go in one UPDATE: a value the rows share is
-    written once, one that differs is an array indexed by the row's place in the id
-    array (cheaper for the server to plan than a join with a VALUES list, measured). A
-    row marked twice (its `sending`, then an outcome that did not wait for it) gets
+
+def marks_parameters(marks: list[Mark]) -> list[bytes]:
+    """MARKS's parameters in PostgreSQL's text form: an array a column, then the time.
+    A row marked twice (its `sending`, then an outcome that did not wait for it) gets
     both, as two statements would have made it."""
+    rows: dict[int, Mark] = {}
+    for mark in marks:
+        if (earlier := rows.get(mark.id)) is not None:
+            mark = mark._replace(reply=earlier.reply if mark.reply is None else mark.reply,
+                                 via=mark.via or earlier.via, attempt=earlier.attempt + mark.attempt)
+        rows[mark.id] = mark
+    marked = rows.values()
+    return [_array([int(i) for i in rows]), _array([m.state for m in marked]),
+            _array([_text(m.reply) for m in marked]), _array([float(m.next_try) for m in marked]),
+            _array([m.fault for m in marked]), _array([m.via for m in marked]),
+            _array([int(m.attempt) for m in marked]), now_iso().encode("ascii")]
+
+
+def _text(value: str | None) -> str | None:
+    """Text as PostgreSQL can keep it: no NUL (a server's reply is the only text here that
+    could carry one) and no lone surrogate (from a provider's JSON)."""
+    return None if value is None else storable(value).replace("\x00", "\ufffd")
+
+
+def _array(values: list) -> bytes:
+    """A one-dimensional array in PostgreSQL's text form, for a text-format parameter:
+    each text element quoted, with its quotes and backslashes escaped."""
+    items = []
+    for value in values:
+        if value is None:
+            items.append("NULL")
+        elif isinstance(value, str):
+            items.append('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"')
+        elif isinstance(value, float) and not math.isfinite(value):
+            items.append("NaN" if value != value else "Infinity" if value > 0 else "-Infinity")
+        else:
+            items.append(repr(value))
+    return ("{" + ",".join(items) + "}").encode("utf-8")
+
+
+def suppress_sql(suppress: Iterable[tuple[str, str]]) -> list[str]:
+    """The statements that suppress an address a send's reply condemned, bound as literals."""
     statements = []
-    if marks:
-        rows: dict[int, Mark] = {}
-        for mark in marks:
-            if (earlier := rows.get(mark.id)) is not None:
-                mark = mark._replace(reply=earlier.reply if mark.reply is None else mark.reply,
-                                     via=mark.via or earlier.via, attempt=earlier.attempt + mark.attempt)
-            rows[mark.id] = mark
-        ids = "ARRAY[" + ",".join(str(int(i)) for i in rows) + "]::bigint[]"
-        place = f"array_position({ids}, id)"
-
-        def value(values: list, kind: str) -> str:
-            if all(v == values[0] for v in values):
-                return f"{_literal(values[0])}::{kind}"
-            return f"(ARRAY[{','.join(map(_literal, values))}]::{kind}[])[{place}]"
-
-        states = [m.state for m in rows.values()]
-        state = value(states, "text")
-        sets = [f"state = {state}",
-                f"reply = coalesce({value([storable(m.reply) for m in rows.values()], 'text')}, reply)",
-                f"next_try = {value([float(m.next_try) for m in rows.values()], 'float8')}",
-                f"updated_at = {_literal(now_iso())}",
-                f"fault = {value([m.fault for m in rows.values()], 'text')}",
-                f"via = coalesce({value([m.via for m in rows.values()], 'text')}, via)",
-                f"attempts = attempts + {value([int(m.attempt) for m in rows.values()], 'int')}"]
-        released = [s in ("pending", "deferred") for s in states]  # back to nobody's until claimed again
-        if all(released):
-            sets.append("claimed_by = NULL")
-        elif any(released):
-            sets.append(f"claimed_by = CASE WHEN {state} IN ('pending', 'deferred') THEN NULL ELSE claimed_by END")
-        statements.append(f"UPDATE deliveries SET {', '.join(sets)} WHERE id = ANY({ids})")
     for email, reply in suppress:
         reply, at = storable(reply), now_iso()
         statements.append(_bind(_translate(SUPPRESS), (email, reply, at)))
@@ -304,14 +328,17 @@ class PostgresStore(Store):
             self.db.close()
 
     def write_marks(self, marks: list[Mark], suppress: Iterable[tuple[str, str]] = ()) -> None:
-        statements = marks_sql(marks, suppress)
-        with self.transaction(len(statements) > 1):
+        statements = suppress_sql(suppress)
+        with self.transaction(bool(marks and statements)):
+            if marks:
+                self.db.execute_native(MARKS, marks_parameters(marks))
             for statement in statements:
                 self.db.execute(statement)
 
     async def send_ledger(self) -> "ServerLedger":
         """Two connections of the send's own, in its event loop: one reads (claims, address
-        checks), one writes the marks. Each holds the run's lock too (sender_lock)."""
+        checks), one writes the marks (MARKS, prepared on it). Each holds the run's lock
+        too (sender_lock)."""
         conns = []
         try:
             for _ in range(2):
@@ -320,6 +347,8 @@ class PostgresStore(Store):
                 await conns[-1].execute("SET synchronous_commit TO off")  # as in sender_lock
                 await conns[-1].execute(_LITERAL_SETTINGS)
                 await conns[-1].execute("SELECT pg_advisory_lock_shared(%s)", (self.run_id,))
+            await conns[1].execute("SET plan_cache_mode TO force_generic_plan")
+            await conns[1].execute(f"PREPARE {ServerLedger.MARKS} AS {MARKS}")
         except psycopg.Error as exc:
             for conn in conns:
                 with contextlib.suppress(Exception):
@@ -441,10 +470,21 @@ class PostgresStore(Store):
                         copy.write_row(row)
             except (psycopg.Error, UnicodeError) as exc:
                 raise self.db._lost(exc) from None
-            return self.db.execute(
-                "INSERT INTO deliveries (issue, destination, email, name, fields, rkey, updated_at)"
-                " SELECT issue, destination, email, name, fields, rkey, updated_at FROM new_deliveries ORDER BY n"
-                " ON CONFLICT DO NOTHING").rowcount
+            insert = ("INSERT INTO deliveries (issue, destination, email, name, fields, rkey, updated_at)"
+                      " SELECT issue, destination, email, name, fields, rkey, updated_at FROM new_deliveries ORDER BY n")
+            # The rows come without duplicates (read_csv drops them, and the subscribers are
+            # unique) and without those already in the ledger (_in_ledger): a plain INSERT,
+            # without ON CONFLICT's check of each row first (a third of the statement's
+            # time, measured), is enough. Two addresses that only the server's lower() calls
+            # equal fall back to the check.
+            self.db.execute("SAVEPOINT plain")
+            try:
+                return self.db.conn.execute(insert).rowcount
+            except psycopg.errors.UniqueViolation:
+                self.db.execute("ROLLBACK TO SAVEPOINT plain")
+                return self.db.execute(insert + " ON CONFLICT DO NOTHING").rowcount
+            except (psycopg.Error, UnicodeError) as exc:
+                raise self.db._lost(exc) from None
 
     def mark_many(self, ids: list[int], state: str, reply: str | None = None, next_try: float = 0,
                   count_attempt: bool = False, fault: str | None = None, via: str | None = None) -> None:
@@ -593,6 +633,8 @@ class ServerLedger(SendLedger):
     travels while that message does. After a failed commit every later write fails too:
     a mark must never land when one before it did not."""
 
+    MARKS = "newsletter_marks"  # the writer's prepared MARKS
+
     def __init__(self, store: PostgresStore, reader, writer):
         super().__init__(store)
         self.reader, self.writer = reader, writer
@@ -640,11 +682,16 @@ class ServerLedger(SendLedger):
                 await self.wake.wait()
             taken, self.queue = self.queue, []
             try:  # building the statements too: whatever fails, every waiter hears of it
-                statements = marks_sql([m for marks, _, _ in taken for m in marks],
-                                       [s for _, suppress, _ in taken for s in suppress])
+                marks = [m for marks, _, _ in taken for m in marks]
+                statements = suppress_sql([s for _, suppress, _ in taken for s in suppress])
+                pgconn = self.writer.pgconn
                 if statements:
-                    await _run(self.writer.pgconn, statements[0] if len(statements) == 1 else
-                               "; ".join(["BEGIN", *statements, "COMMIT"]))
+                    await _run(pgconn, "BEGIN")
+                if marks:
+                    pgconn.send_query_prepared(self.MARKS.encode("ascii"), marks_parameters(marks))
+                    await _results(pgconn)
+                if statements:
+                    await _run(pgconn, "; ".join([*statements, "COMMIT"]))
             except Exception as exc:  # the server, or a bug: either way no later mark may land
                 with contextlib.suppress(Exception):
                     await self.writer.execute("ROLLBACK")
@@ -672,8 +719,13 @@ async def _run(pgconn, sql: str) -> None:
     """One query string on libpq itself, from the event loop: psycopg's cursor cost the
     send's process about 40 us more a commit (bench/send.py --ledger), and the marks
     read nothing back."""
-    loop = asyncio.get_running_loop()
     pgconn.send_query(sql.encode("utf-8"))
+    await _results(pgconn)
+
+
+async def _results(pgconn) -> None:
+    """The results of the query just sent, read from the event loop; the first error raised."""
+    loop = asyncio.get_running_loop()
     while pgconn.flush():  # a nonblocking connection: the rest goes once the socket takes it
         await _socket_ready(loop, pgconn.socket, loop.add_writer, loop.remove_writer)
     while True:

@@ -348,14 +348,17 @@ def test_a_claimed_row_is_claimed_once_until_it_is_deferred_or_its_run_is_gone(p
         assert two.counts("issue")["uncertain"] == 1
 
 
-def test_the_marks_written_as_literals_keep_any_reply_exactly(pg_store):
-    """A send's marks reach the server as literals (store_pg.marks_sql): whatever a server
-    replied is stored as it was, and nothing in it can end the literal, whether it is a
-    row's own value (in an array) or shared by all the rows of a write."""
+def test_the_marks_keep_any_reply_exactly_on_both_paths(pg_store):
+    """A send's marks reach the server as arrays in PostgreSQL's text form (store_pg.MARKS),
+    through Store.write_marks and through a send's ServerLedger (a prepared statement on
+    libpq itself): whatever a server replied is stored as it was, and nothing in it can
+    end an array's element or the statement. Suppressions go as literals beside them."""
+    import asyncio
     from newsletter.store import Mark
     from newsletter.store_pg import PostgresStore
     replies = ["250 2.0.0 Ok: queued as 4Xk2", "it's 100%% done; DROP TABLE deliveries; --", "back\\slash \\' \\\\",
-               "%s %(x)s {} ? ARRAY[1]::text[]", "naïve 日本 \U0001F4E8", "line\r\nbreak", "nul\x00byte", "'", ""]
+               "%s %(x)s {} ? ARRAY[1]::text[] $1", "naïve 日本 \U0001F4E8", "line\r\nbreak", "nul\x00byte", "'", "",
+               '{"a",b}', "NULL", "  padded  ", 'quote " and \\" and ""', "a,b", "}", "{", "\\", '"']
     with PostgresStore(pg_store) as store:
         for i in range(2 * len(replies)):
             store.add(Recipient(f"r{i}@example.com"), "test")
@@ -363,13 +366,24 @@ def test_the_marks_written_as_literals_keep_any_reply_exactly(pg_store):
         ids = [d.id for d in store.due("issue", 100)]
         store.write_marks([Mark(i, "failed", reply, 1.5, "recipient", "smtp", 1) for i, reply in zip(ids, replies)],
                           suppress=[("r0@example.com", replies[1])])
-        for i, reply in zip(ids[len(replies):], replies):  # one row a write: the value shared
-            store.write_marks([Mark(i, "failed", reply, 1.5, "recipient", "smtp", 1)])
+        with store.sender_lock("issue"):
+            async def through_a_sends_ledger():
+                ledger = await store.send_ledger()
+                try:
+                    written = [ledger.write([Mark(i, "failed", reply, 1.5, "recipient", "smtp", 1)],
+                                            [("r1@example.com", reply)] if reply == replies[9] else [])
+                               for i, reply in zip(ids[len(replies):], replies)]
+                    await ledger.flush()
+                    assert all(w.exception() is None for w in written)
+                finally:
+                    await ledger.close()
+            asyncio.run(through_a_sends_ledger())
         got = dict(store.db.execute("SELECT id, reply FROM deliveries"))
         assert store.counts("issue")["failed"] == 2 * len(replies)
-        assert store.db.execute("SELECT reason FROM suppressions").fetchone()[0] == replies[1]
+        reasons = dict(store.db.execute("SELECT email::text, reason FROM suppressions"))
     stored = [r.replace("\x00", "\ufffd") for r in replies]
     assert [got[i] for i in ids] == stored + stored
+    assert reasons == {"r0@example.com": replies[1], "r1@example.com": replies[9]}
 
 
 # -- from the review of the store: each of these failed before its fix ------------------------------

@@ -279,6 +279,18 @@ def test_a_list_is_queued_in_its_own_order_once(new_store):
     assert signed == [x.email for x in listed] + ["r0@example.com", "r5@example.com"]
 
 
+def test_a_list_holding_an_address_twice_queues_it_once(new_store):
+    """read_csv drops duplicates, but Store.enqueue takes any list: an address twice in one
+    chunk, in another case the second time, gets one row, the first one's (PostgreSQL: the
+    plain INSERT is refused, and the chunk goes in again with ON CONFLICT)."""
+    listed = [Recipient("a@example.com", "First"), Recipient("b@example.com"), Recipient("A@Example.com", "Second")]
+    with new_store() as store:
+        assert store.enqueue("issue", listed, lambda e: "k" + e) == 2
+        assert store.enqueue("issue", listed, lambda e: "k" + e) == 0
+        rows = store.due("issue", 10)
+    assert [(r.email, r.name) for r in rows] == [("a@example.com", "First"), ("b@example.com", None)]
+
+
 def test_queueing_again_signs_only_the_new_subscribers(new_store):
     signed = []
 
