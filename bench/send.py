@@ -619,8 +619,12 @@ def ledger_bench(sink_bin: str, n: int, sessions: int, repeat: int, runs: list[s
 
     if not pg_server.installed():
         fail("PostgreSQL's server binaries are missing: apt-get install -y postgresql", code=2)
-    caps = CpuCaps.make(2)  # a CPU quota for each sender of the capped runs, or None
-    kinds = [k for k in LEDGER_RUNS if (runs is None or k in runs) and (caps or not k.endswith("capped"))]
+    wanted = [k for k in LEDGER_RUNS if runs is None or k in runs]
+    # a CPU quota for each sender of the capped runs, or None
+    caps = CpuCaps.make(2) if any(k.endswith("capped") for k in wanted) else None
+    if runs and not caps and any(k.endswith("capped") for k in wanted):
+        fail(f"capped runs cannot be made here: {CpuCaps.why_not}")
+    kinds = [k for k in wanted if caps or not k.endswith("capped")]
     times: dict[str, list[float]] = {k: [] for k in kinds}
     busy: dict[str, list[float]] = {k: [] for k in kinds}  # the machine's CPUs, all of them
     os.environ.update(pg_server.PostgresServer.env())  # the password, for our own checks of the ledger
@@ -680,7 +684,7 @@ def ledger_bench(sink_bin: str, n: int, sessions: int, repeat: int, runs: list[s
     line("sqlite")
     line("pg", "sqlite", PG_GOAL, "SQLite")
     line("two", "pg", TWO_GOAL, "one sender")
-    if caps:
+    if caps or runs:  # (capped runs asked for and not possible have failed already)
         line("pg_capped")
         line("two_capped", "pg_capped", TWO_GOAL, "one capped")
     else:

@@ -329,7 +329,7 @@ class PostgresStore(Store):
 
     def write_marks(self, marks: list[Mark], suppress: Iterable[tuple[str, str]] = ()) -> None:
         statements = suppress_sql(suppress)
-        with self.transaction(bool(marks and statements)):
+        with self.transaction(len(statements) + bool(marks) > 1):
             if marks:
                 self.db.execute_native(MARKS, marks_parameters(marks))
             for statement in statements:
@@ -342,8 +342,9 @@ class PostgresStore(Store):
         conns = []
         try:
             for _ in range(2):
-                conns.append(await psycopg.AsyncConnection.connect(
-                    self.url, autocommit=True, connect_timeout=10, application_name="newsletter send"))
+                conns.append(await psycopg.AsyncConnection.connect(  # no statements of psycopg's own
+                    self.url, autocommit=True, connect_timeout=10, application_name="newsletter send",
+                    prepare_threshold=None))  # (its cache's DEALLOCATE ALL would take MARKS too)
                 await conns[-1].execute("SET synchronous_commit TO off")  # as in sender_lock
                 await conns[-1].execute(_LITERAL_SETTINGS)
                 await conns[-1].execute("SELECT pg_advisory_lock_shared(%s)", (self.run_id,))
@@ -463,6 +464,7 @@ class PostgresStore(Store):
         with self.transaction():
             self.db.execute("CREATE TEMP TABLE IF NOT EXISTS new_deliveries (n BIGSERIAL, issue TEXT, destination TEXT,"
                             " email TEXT, name TEXT, fields TEXT, rkey TEXT, updated_at TEXT) ON COMMIT DELETE ROWS")
+            self.db.execute("DELETE FROM new_deliveries")  # an earlier chunk's, inside one caller's transaction
             try:
                 with self.db.conn.cursor().copy("COPY new_deliveries (issue, destination, email, name, fields, rkey,"
                                                 " updated_at) FROM STDIN") as copy:
@@ -479,7 +481,9 @@ class PostgresStore(Store):
             # equal fall back to the check.
             self.db.execute("SAVEPOINT plain")
             try:
-                return self.db.conn.execute(insert).rowcount
+                added = self.db.conn.execute(insert).rowcount
+                self.db.execute("RELEASE SAVEPOINT plain")
+                return added
             except psycopg.errors.UniqueViolation:
                 self.db.execute("ROLLBACK TO SAVEPOINT plain")
                 return self.db.execute(insert + " ON CONFLICT DO NOTHING").rowcount
