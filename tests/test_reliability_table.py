@@ -101,7 +101,9 @@ def test_the_secret_counts_are_the_secrets_test():
     assert found, normal
     secrets, forms, cases = (int(n) for n in found.groups())
     assert (secrets, cases) == (len(test_secrets.MARKERS), len(test_secrets.CASES))
-    assert forms == round(len(test_secrets.FORMS) / len(test_secrets.MARKERS))  # the DKIM key's vary a little
+    # "about": the DKIM key is new each run, and how many of its lines' forms coincide
+    # varies (7.4 to 7.9 a secret seen; rounding once made the claimed 8 a 7 in CI)
+    assert abs(forms - len(test_secrets.FORMS) / len(test_secrets.MARKERS)) < 1
 
 
 def test_the_web_counts_are_the_abuse_test():
