@@ -620,9 +620,9 @@ def ledger_bench(sink_bin: str, n: int, sessions: int, repeat: int, runs: list[s
     if not pg_server.installed():
         fail("PostgreSQL's server binaries are missing: apt-get install -y postgresql", code=2)
     wanted = [k for k in LEDGER_RUNS if runs is None or k in runs]
-    # a CPU quota for each sender of the capped runs, or None
-    caps = CpuCaps.make(2) if any(k.endswith("capped") for k in wanted) else None
-    if runs and not caps and any(k.endswith("capped") for k in wanted):
+    capped = any(k.endswith("capped") for k in wanted)
+    caps = CpuCaps.make(2) if capped else None  # a CPU quota for each sender of the capped runs
+    if capped and not caps and runs:
         fail(f"capped runs cannot be made here: {CpuCaps.why_not}")
     kinds = [k for k in wanted if caps or not k.endswith("capped")]
     times: dict[str, list[float]] = {k: [] for k in kinds}
@@ -684,11 +684,10 @@ def ledger_bench(sink_bin: str, n: int, sessions: int, repeat: int, runs: list[s
     line("sqlite")
     line("pg", "sqlite", PG_GOAL, "SQLite")
     line("two", "pg", TWO_GOAL, "one sender")
-    if caps or runs:  # (capped runs asked for and not possible have failed already)
-        line("pg_capped")
-        line("two_capped", "pg_capped", TWO_GOAL, "one capped")
-    else:
+    if capped and not caps:
         print(f"  (senders capped at {CpuCaps.SHARE:g} CPU each: not measured, {CpuCaps.why_not})")
+    line("pg_capped")
+    line("two_capped", "pg_capped", TWO_GOAL, "one capped")
     print(f"machine busy: all {os.cpu_count()} CPUs (our senders, smtp-sink and PostgreSQL together), from /proc/stat;"
           f" capped: each sender in a cgroup of its own with a quota of {CpuCaps.SHARE:g} CPU, standing in for a"
           " machine of its own (the sink and the server are not capped)")

@@ -189,25 +189,20 @@ def _translate(sql: str) -> str:
 _LITERAL_SETTINGS = "SET standard_conforming_strings TO on; SET client_encoding TO 'UTF8'"
 
 
-def _literal(value) -> str:
-    """A value as an SQL literal, for a session with standard_conforming_strings on (a
-    backslash is an ordinary character; a quote is doubled) in UTF-8. PostgreSQL's text
-    cannot hold NUL, which becomes U+FFFD (a server's reply is the only text here that
-    could carry one)."""
+def _text(value: str | None) -> str | None:
+    """Text as PostgreSQL can keep it: no NUL (a server's reply is the only text here that
+    could carry one) and no lone surrogate (from a provider's JSON)."""
+    return None if value is None else storable(value).replace("\x00", "\ufffd")
+
+
+def _literal(value: str | None) -> str:
+    """Text as an SQL literal (suppress_sql's values are all text), for a session with
+    standard_conforming_strings on (a backslash is an ordinary character; a quote is
+    doubled) in UTF-8."""
     if value is None:
         return "NULL"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):  # SQLite stores an infinite next try too (send.retry_delay = inf)
-        return repr(value) if math.isfinite(value) else f"'{value}'::float8"
     if isinstance(value, str):
-        if not value.isascii():  # a lone surrogate (from a provider's JSON) cannot be sent: replaced
-            value = value.encode("utf-8", "replace").decode("utf-8")
-        return "'" + value.replace("\x00", "\ufffd").replace("'", "''") + "'"
-    if isinstance(value, list) and all(type(v) is int for v in value):
-        return "ARRAY[" + ",".join(map(str, value)) + "]::bigint[]"
+        return "'" + _text(value).replace("'", "''") + "'"
     raise TypeError(f"no literal for {type(value).__name__}")
 
 
@@ -215,9 +210,8 @@ _PLACEHOLDERS = re.compile(r"(%%|%s)")
 
 
 def _bind(sql: str, params) -> str:
-    """The statement with its %s placeholders replaced by literals: for the marks a send
-    writes per message, psycopg's general binding (ClientCursor.mogrify) cost more than the
-    rest of the message's ledger work (bench/send.py --ledger)."""
+    """The statement with its %s placeholders replaced by literals: suppress_sql's
+    statements go with the commit in one query string, which takes no parameters."""
     values, end = iter(params), object()
     out = []
     for token in _PLACEHOLDERS.split(sql):  # %% is the statement's own % sign, %s a value
@@ -256,12 +250,6 @@ def marks_parameters(marks: list[Mark]) -> list[bytes]:
             _array([_text(m.reply) for m in marked]), _array([float(m.next_try) for m in marked]),
             _array([m.fault for m in marked]), _array([m.via for m in marked]),
             _array([int(m.attempt) for m in marked]), now_iso().encode("ascii")]
-
-
-def _text(value: str | None) -> str | None:
-    """Text as PostgreSQL can keep it: no NUL (a server's reply is the only text here that
-    could carry one) and no lone surrogate (from a provider's JSON)."""
-    return None if value is None else storable(value).replace("\x00", "\ufffd")
 
 
 def _array(values: list) -> bytes:
